@@ -1,0 +1,250 @@
+//! Wiring: builds the running pipeline from validated settings, starts its tasks (sources,
+//! key refresher, HTTP) and stops them in order on shutdown.
+//!
+//! Owns task lifetimes and the shutdown order (stop reading → commit → stop serving). It
+//! decides nothing about what is counted; every loop it starts takes the shutdown token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::keys::KeyCache;
+use crate::metrics::Metrics;
+use crate::pipeline::{IngestStats, Pipeline, PipelineOptions, SharedKeys};
+use crate::source::file::{FileOptions, run_file};
+use crate::source::stdin::run_stdin;
+use crate::source::{Chunk, SourceError};
+use crate::store::{Store, StoreError};
+
+/// Chunks in flight between the sources and the pipeline: with 1 MiB chunks, a bound of a few
+/// MiB of memory however far ahead the sources could read.
+const CHANNEL_CHUNKS: usize = 8;
+
+/// A configured source of lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    File(PathBuf),
+    Stdin,
+}
+
+impl SourceSpec {
+    /// Parses `file:PATH` or `stdin` (and `-` for stdin).
+    pub fn parse(s: &str) -> Result<SourceSpec, String> {
+        match s {
+            "stdin" | "-" => Ok(SourceSpec::Stdin),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SourceSpec::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "--source {s:?} is not a source keywatch knows; use file:PATH or stdin"
+                )),
+            },
+        }
+    }
+}
+
+/// Loads the key cache and reports its size.
+pub async fn load_keys(store: &Store, metrics: &Metrics) -> Result<Arc<SharedKeys>, StoreError> {
+    let snapshot = store.load_keys().await?;
+    let cache = KeyCache::new(snapshot, Utc::now());
+    metrics.key_cache_loaded(&cache);
+    Ok(SharedKeys::new(cache))
+}
+
+/// Runs `specs` through one pipeline until every source ends (batch mode) or `shutdown`.
+/// Returns the stats and the first source error, if any (the counts of what was read before
+/// it are committed all the same).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_sources(
+    store: &Store,
+    keys: Arc<SharedKeys>,
+    metrics: &Metrics,
+    specs: &[SourceSpec],
+    file_opts: FileOptions,
+    opts: PipelineOptions,
+    shutdown: CancellationToken,
+    progress: Option<Box<dyn Fn(u64) + Send>>,
+) -> Result<(IngestStats, Option<SourceError>), StoreError> {
+    let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
+    let checkpoints = Arc::new(store.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for spec in specs {
+        let tx = tx.clone();
+        let token = shutdown.clone();
+        match spec.clone() {
+            SourceSpec::File(path) => {
+                let (opts, cps) = (file_opts.clone(), Arc::clone(&checkpoints));
+                tasks.spawn(async move { run_file(path, opts, cps, tx, token).await.map(|_| ()) });
+            }
+            SourceSpec::Stdin => {
+                let chunk = file_opts.chunk_bytes;
+                tasks.spawn(async move { run_stdin(tx, token, chunk).await.map(|_| ()) });
+            }
+        }
+    }
+    drop(tx);
+    let mut pipeline = Pipeline::new(store.clone(), keys, metrics.clone(), opts);
+    if let Some(p) = progress {
+        pipeline = pipeline.with_progress(p);
+    }
+    let sources_done = async {
+        let mut first_err = None;
+        while let Some(r) = tasks.join_next().await {
+            let err = match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(join) => Some(SourceError::Io {
+                    path: "source task".into(),
+                    source: std::io::Error::other(join.to_string()),
+                }),
+            };
+            if let Some(e) = err {
+                tracing::error!(error = %e, "A source stopped.");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err
+    };
+    // A batch run gives up on a database that stays down; the daemon waits for it.
+    let give_up = (!file_opts.follow).then(|| Duration::from_secs(60));
+    let (stats, source_err) =
+        tokio::join!(pipeline.run(rx, shutdown.clone(), give_up), sources_done);
+    Ok((stats?, source_err))
+}
+
+/// Settings of the daemon, already validated.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    pub sources: Vec<SourceSpec>,
+    pub listen: SocketAddr,
+    pub start_at_end: bool,
+    pub key_refresh: Duration,
+    pub lateness: Duration,
+}
+
+/// The daemon: sources followed forever, keys refreshed, HTTP served, until `shutdown`.
+pub async fn run_daemon(
+    store: Store,
+    settings: DaemonSettings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let metrics = Metrics::new();
+    let keys = load_keys(&store, &metrics).await?;
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
+    tracing::info!(listen = %settings.listen, database = store.url(), "Serving /metrics and /healthz.");
+    let http = tokio::spawn(api::serve(
+        listener,
+        ApiState {
+            metrics: metrics.clone(),
+            store: store.clone(),
+        },
+        shutdown.child_token(),
+    ));
+    let refresher = tokio::spawn(Arc::clone(&keys).refresh_loop(
+        store.clone(),
+        settings.key_refresh,
+        metrics.clone(),
+        shutdown.child_token(),
+    ));
+    spawn_signal_handlers(Arc::clone(&keys), shutdown.clone());
+    let file_opts = FileOptions {
+        follow: true,
+        start_at_end: settings.start_at_end,
+        ..FileOptions::default()
+    };
+    let opts = PipelineOptions {
+        lateness: chrono::Duration::from_std(settings.lateness)
+            .unwrap_or(chrono::Duration::minutes(5)),
+        ..PipelineOptions::default()
+    };
+    let (stats, source_err) = run_sources(
+        &store,
+        keys,
+        &metrics,
+        &settings.sources,
+        file_opts,
+        opts,
+        shutdown.clone(),
+        None,
+    )
+    .await?;
+    tracing::info!(
+        accepted = stats.accepted,
+        rejected = stats.rejected_total(),
+        "Stopped reading; counts committed."
+    );
+    shutdown.cancel();
+    let _ = refresher.await;
+    match http.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "The HTTP server stopped with an error."),
+        Err(e) => tracing::warn!(error = %e, "The HTTP server task failed."),
+        Ok(Ok(())) => {}
+    }
+    match source_err {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// SIGTERM and Ctrl-C stop the daemon cleanly; SIGHUP reloads the keys at once.
+fn spawn_signal_handlers(keys: Arc<SharedKeys>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                tracing::warn!("Cannot install signal handlers; stop keywatch with Ctrl-C.");
+                let _ = tokio::signal::ctrl_c().await;
+                shutdown.cancel();
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading keys.");
+                        keys.request_refresh();
+                    }
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("Stopping: committing what was read.");
+        shutdown.cancel();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_specs() {
+        assert_eq!(SourceSpec::parse("stdin"), Ok(SourceSpec::Stdin));
+        assert_eq!(
+            SourceSpec::parse("file:/var/log/a.log"),
+            Ok(SourceSpec::File("/var/log/a.log".into()))
+        );
+        assert_eq!(
+            SourceSpec::parse("kafka:x").unwrap_err(),
+            "--source \"kafka:x\" is not a source keywatch knows; use file:PATH or stdin"
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! The command line, as clap definitions only: flags, their environment variables, defaults
+//! and help. Turning flags into running objects is `commands`' job; nothing here does I/O.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::report::GroupBy;
+
+/// keywatch watches how PlexMCP API keys are used: it ingests the auth server's request log,
+/// tracks usage against limits and answers usage reports.
+#[derive(Debug, Parser)]
+#[command(name = "keywatch", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings every subcommand that needs them reads the same way.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Database: sqlite://PATH (created on first start) or postgres://USER@HOST/DB (the auth
+    /// server's database, where keywatch adds its own tables beside the auth server's).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYWATCH_DATABASE_URL",
+        default_value = "sqlite://keywatch.db",
+        value_name = "URL"
+    )]
+    pub database_url: String,
+
+    /// GeoIP database: a .mmdb file or a directory of them.
+    #[arg(long, global = true, env = "KEYWATCH_GEOIP", value_name = "PATH")]
+    pub geoip: Option<PathBuf>,
+
+    /// Log level filter (error, warn, info, debug, trace, or a tracing filter directive).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYWATCH_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: follow the sources, keep usage current, serve /metrics and /healthz.
+    Run(RunArgs),
+    /// Ingest request-log files to their end, then exit: for backfill and replay.
+    ///
+    /// Each file is checkpointed like the daemon does (by a fingerprint of its first line), so
+    /// running it again over a file it has already ingested continues where it stopped and
+    /// counts nothing twice.
+    Ingest(IngestArgs),
+    /// Apply keywatch's database migrations (also done at every start).
+    Migrate,
+    /// List or create API keys (for the embedded mode and for tests).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// List or create organizations.
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
+    /// Answer an admin's question about usage.
+    #[command(subcommand)]
+    Report(ReportCommand),
+    /// Create a few organizations and keys, generate a realistic day of traffic, run it
+    /// through the real pipeline, print what it found, then serve until Ctrl-C.
+    Demo(DemoArgs),
+    /// Generate a realistic request log (and create its organizations and keys).
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A source of request-log lines: file:PATH (followed like `tail -F`) or stdin.
+    /// Repeat for several.
+    #[arg(
+        long = "source",
+        env = "KEYWATCH_SOURCE",
+        value_delimiter = ',',
+        value_name = "SOURCE",
+        required = true
+    )]
+    pub sources: Vec<String>,
+
+    /// Address for /metrics and /healthz.
+    #[arg(
+        long,
+        env = "KEYWATCH_LISTEN",
+        default_value = "127.0.0.1:9464",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+
+    /// Alerting configuration.
+    #[arg(
+        long,
+        env = "KEYWATCH_ALERTS",
+        default_value = "alerts.toml",
+        value_name = "FILE"
+    )]
+    pub alerts: PathBuf,
+
+    /// Start files seen for the first time at their end instead of their beginning.
+    #[arg(long, env = "KEYWATCH_START_AT_END")]
+    pub start_at_end: bool,
+
+    /// How often to reload keys and organizations from the database.
+    #[arg(
+        long,
+        env = "KEYWATCH_KEY_REFRESH",
+        default_value = "30s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub key_refresh: std::time::Duration,
+
+    /// How far behind the newest event a line may be and still count as on time.
+    #[arg(
+        long,
+        env = "KEYWATCH_LATENESS",
+        default_value = "5m",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub lateness: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Request-log files (`-` for stdin).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Never show a progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// Summary format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// List keys with their prefix, organization, limits and status.
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Create a key in the auth server's format. Prints the full key once, alone on stdout;
+    /// only its SHA-256 hash and 20-character prefix are stored.
+    Create(KeysCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeysCreateArgs {
+    /// Organization id or slug.
+    #[arg(long)]
+    pub org: String,
+    /// Key name.
+    #[arg(long)]
+    pub name: String,
+    /// Expire after this long (for example 30d, 90d, 1y).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub expires_in: Option<std::time::Duration>,
+    /// Restrict the key to these MCP instance ids (comma-separated); all MCPs without it.
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub mcps: Vec<uuid::Uuid>,
+    /// Requests per minute (1 to 10000).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub rpm: u32,
+    /// Scopes (comma-separated), for example reports:read,alerts:write.
+    #[arg(long, value_delimiter = ',')]
+    pub scopes: Vec<String>,
+    /// The auth server's API_KEY_HMAC_SECRET, so that the key's signature verifies there.
+    #[arg(long, env = "KEYWATCH_API_KEY_HMAC_SECRET", hide_env_values = true)]
+    pub hmac_secret: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgsCommand {
+    /// List organizations with their tier and monthly limit.
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Create an organization; prints its id alone on stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum, default_value_t = TierArg::Free)]
+        tier: TierArg,
+        /// A custom monthly request limit that overrides the tier's.
+        #[arg(long)]
+        custom_limit: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TierArg {
+    Free,
+    Pro,
+    Team,
+    Enterprise,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Requests, errors by class, latency and bytes per key, organization or MCP; for
+    /// organizations, month-to-date usage against the monthly limit.
+    Usage(UsageArgs),
+    /// Lines that were refused, with their source, line number, reason and text.
+    Rejected {
+        /// Only lines of this source (for example file:/var/log/plexmcp/requests.log).
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Organization id or slug.
+    #[arg(long)]
+    pub org: Option<String>,
+    /// Key id or prefix (`pmcp_01ab...`); `unknown` for refused keys that match no key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// MCP server name.
+    #[arg(long)]
+    pub mcp: Option<String>,
+    /// Only the last DURATION (for example 24h, 7d), up to now.
+    #[arg(long, value_parser = parse_duration, conflicts_with_all = ["from", "until"], value_name = "DURATION")]
+    pub since: Option<std::time::Duration>,
+    /// Start of the range (RFC 3339), inclusive.
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// End of the range (RFC 3339), exclusive.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// What one row is.
+    #[arg(long, value_enum, default_value_t = GroupBy::Key)]
+    pub group_by: GroupBy,
+    /// Split each row into buckets of this size.
+    #[arg(long, value_enum)]
+    pub bucket: Option<BucketArg>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BucketArg {
+    Minute,
+    Hour,
+    Day,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Days of traffic to generate.
+    #[arg(long, default_value_t = 1.0)]
+    pub days: f64,
+    /// Keys to create.
+    #[arg(long, default_value_t = 12)]
+    pub keys: usize,
+    /// Seed of the traffic generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where the demo keeps its database and log (recreated at each run).
+    #[arg(long, default_value = "keywatch-demo", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Address for /metrics and /healthz while the demo serves.
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Exit after the summary instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub no_serve: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// File to write the request log to.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Number of keys.
+    #[arg(long, default_value_t = 12)]
+    pub keys: usize,
+    /// Number of organizations (default: about one per four keys).
+    #[arg(long)]
+    pub orgs: Option<usize>,
+    /// Days of traffic, ending at --end.
+    #[arg(long, default_value_t = 1.0)]
+    pub days: f64,
+    /// Exactly this many lines (rates are scaled to fit the period).
+    #[arg(long)]
+    pub lines: Option<u64>,
+    /// Seed: the same seed and --end give the same file.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// End of the traffic (RFC 3339); default now.
+    #[arg(long, value_name = "TIME")]
+    pub end: Option<String>,
+    /// Share of requests that fail (5xx, 4xx).
+    #[arg(long, default_value_t = 0.03)]
+    pub error_share: f64,
+    /// Share of lines from refused keys (401 with no key id).
+    #[arg(long, default_value_t = 0.01)]
+    pub refused_share: f64,
+    /// Only write the log; do not create the organizations and keys in the database.
+    #[arg(long)]
+    pub no_db: bool,
+}
+
+/// Parses `90s`, `5m`, `24h`, `7d`, `1y` (and combinations such as `1h30m`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let err = || format!("{s:?} is not a duration; write it like 30s, 5m, 24h, 90d or 1y");
+    let mut total = 0u64;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().map_err(|_| err())?;
+        num.clear();
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3_600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            'y' => 365 * 86_400,
+            _ => return Err(err()),
+        };
+        total = total
+            .checked_add(n.checked_mul(unit).ok_or_else(err)?)
+            .ok_or_else(err)?;
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return Err(err());
+    }
+    Ok(std::time::Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5_400);
+        assert_eq!(parse_duration("90d").unwrap().as_secs(), 90 * 86_400);
+        assert!(parse_duration("90").is_err());
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

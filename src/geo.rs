@@ -1,0 +1,178 @@
+//! GeoIP: where an address is, from memory-mapped MaxMind DB files.
+//!
+//! Owns opening `.mmdb` files (one file or a directory of them) and reading a country from
+//! either record layout in use: MaxMind's GeoIP2 (`country.iso_code`) and the flat
+//! ip-location-db one (`country_code`), which the shipped DB-IP database uses. It does no
+//! caching policy and keeps no per-key state: callers decide what to remember.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use maxminddb::{Mmap, Reader};
+use serde::Deserialize;
+
+/// The directory of the shipped default database, relative to the working directory.
+pub const DEFAULT_DIR: &str = "geoip";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GeoError {
+    #[error("cannot read the GeoIP path {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a usable MaxMind DB file ({source}); replace it or point --geoip elsewhere"
+    )]
+    Open {
+        path: String,
+        #[source]
+        source: maxminddb::MaxMindDbError,
+    },
+    #[error("no .mmdb file in {path}; point --geoip at a .mmdb file or a directory of them")]
+    Empty { path: String },
+}
+
+/// Country of an address, as two ASCII letters.
+pub type Country = [u8; 2];
+
+#[derive(Deserialize)]
+struct CountryRecord<'a> {
+    #[serde(borrow, default)]
+    country: Option<GeoIp2Country<'a>>,
+    #[serde(borrow, default)]
+    country_code: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct GeoIp2Country<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+}
+
+/// One opened database file.
+pub struct GeoFile {
+    pub path: PathBuf,
+    reader: Reader<Mmap>,
+}
+
+impl GeoFile {
+    /// The database's type, as its metadata names it (for example `GeoIP2-City`).
+    pub fn database_type(&self) -> &str {
+        &self.reader.metadata().database_type
+    }
+
+    /// When the database was built, as a Unix time.
+    pub fn build_epoch(&self) -> u64 {
+        self.reader.metadata().build_epoch
+    }
+}
+
+/// The configured GeoIP databases.
+pub struct GeoDb {
+    files: Vec<GeoFile>,
+}
+
+impl std::fmt::Debug for GeoDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.files.iter().map(|g| &g.path))
+            .finish()
+    }
+}
+
+impl GeoDb {
+    /// Opens a `.mmdb` file, or every `.mmdb` file in a directory.
+    pub fn open(path: &Path) -> Result<GeoDb, GeoError> {
+        let shown = path.display().to_string();
+        let io = |source| GeoError::Io {
+            path: shown.clone(),
+            source,
+        };
+        let mut paths = Vec::new();
+        if std::fs::metadata(path).map_err(io)?.is_dir() {
+            for entry in std::fs::read_dir(path).map_err(io)? {
+                let p = entry.map_err(io)?.path();
+                if p.extension().is_some_and(|e| e == "mmdb") {
+                    paths.push(p);
+                }
+            }
+            paths.sort();
+        } else {
+            paths.push(path.to_path_buf());
+        }
+        if paths.is_empty() {
+            return Err(GeoError::Empty { path: shown });
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        for p in paths {
+            // SAFETY: the mapping is only read. Updaters such as geoipupdate replace a
+            // database by renaming a new file over it, which leaves this mapping's inode intact;
+            // a file truncated in place could fault, which is why keywatch documents that
+            // databases must be replaced by rename.
+            let reader = unsafe { Reader::open_mmap(&p) }.map_err(|source| GeoError::Open {
+                path: p.display().to_string(),
+                source,
+            })?;
+            files.push(GeoFile { path: p, reader });
+        }
+        Ok(GeoDb { files })
+    }
+
+    /// Opens `path`, or the shipped default directory when it exists and no path was given.
+    pub fn open_configured(path: Option<&Path>) -> Result<Option<GeoDb>, GeoError> {
+        match path {
+            Some(p) => GeoDb::open(p).map(Some),
+            None if Path::new(DEFAULT_DIR).is_dir() => {
+                GeoDb::open(Path::new(DEFAULT_DIR)).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn files(&self) -> &[GeoFile] {
+        &self.files
+    }
+
+    /// The country of `ip` from the first database that knows it. Private, loopback and
+    /// unknown addresses give `None`.
+    pub fn country(&self, ip: IpAddr) -> Option<Country> {
+        self.files.iter().find_map(|f| {
+            let rec: CountryRecord<'_> = f.reader.lookup(ip).ok()?.decode().ok()??;
+            let code = rec.country.and_then(|c| c.iso_code).or(rec.country_code)?;
+            match code.as_bytes() {
+                [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
+                    Some([a.to_ascii_uppercase(), b.to_ascii_uppercase()])
+                }
+                _ => None,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEST_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/geoip");
+
+    #[test]
+    fn reads_both_record_layouts() {
+        let city = GeoDb::open(&Path::new(TEST_DIR).join("GeoIP2-City-Test.mmdb")).unwrap();
+        assert_eq!(city.country("81.2.69.160".parse().unwrap()), Some(*b"GB"));
+        assert_eq!(city.country("89.160.20.112".parse().unwrap()), Some(*b"SE"));
+        assert_eq!(city.country("127.0.0.1".parse().unwrap()), None);
+        let dbip = GeoDb::open(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/geoip"))).unwrap();
+        assert_eq!(dbip.country("81.2.69.160".parse().unwrap()), Some(*b"GB"));
+        assert_eq!(dbip.country("10.0.0.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn broken_files_are_refused_with_their_path() {
+        let e = GeoDb::open(&Path::new(TEST_DIR).join("GeoIP2-City-Test-Invalid-Node-Count.mmdb"));
+        assert!(e.is_err());
+        let e = GeoDb::open(Path::new("/nonexistent/geo.mmdb")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/geo.mmdb"), "{e}");
+    }
+}

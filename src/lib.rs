@@ -1,0 +1,33 @@
+//! keywatch: usage monitoring and anomaly detection for PlexMCP API keys.
+//!
+//! # Layout
+//!
+//! A request-log line travels one way through these modules:
+//!
+//! ```text
+//! source ──► event (parse) ──► keys (resolve) ──► usage ──► store
+//!   file, stdin   pure parser      key cache         rollups    sqlite / postgres
+//! ```
+//!
+//! [`pipeline`] drives those stages and commits each batch of counts with the checkpoints of
+//! the sources it covers. Beside the pipeline: [`store`] (all SQL, both dialects),
+//! [`report`] (the query layer the CLI and the API share), [`metrics`] (every metric),
+//! [`api`] (HTTP: /metrics, /healthz), [`geo`] (GeoIP lookups), [`simulate`] (synthetic
+//! traffic for the demo, tests and benchmarks), [`cli`] (flags only) and [`commands`] (what
+//! each subcommand does). [`app`] wires the daemon together.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod event;
+pub mod geo;
+pub mod keys;
+pub mod metrics;
+pub mod pipeline;
+pub mod report;
+pub mod simulate;
+pub mod source;
+pub mod store;
+pub mod usage;

@@ -1,0 +1,414 @@
+//! The pipeline a line travels: parse → resolve key → usage, then commit in batches.
+//!
+//! Owns the order of the stages and the batching policy: chunks from every source come in on
+//! one bounded channel, each line is parsed, resolved against the key cache and counted into
+//! the current batch, and the batch is committed with the sources' checkpoints in one
+//! transaction. The stages themselves live in their modules (`event`, `keys`, `usage`); this
+//! file only drives them, and it never reads a file or writes SQL.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::event::{self, RejectReason};
+use crate::keys::{KeyCache, redact_keys};
+use crate::metrics::Metrics;
+use crate::source::{Checkpoint, Chunk};
+use crate::store::{Batch, DeadLetter, Store, StoreError};
+
+/// How much of a refused line the dead-letter table keeps.
+const DEAD_LETTER_LINE_BYTES: usize = 8 * 1024;
+/// The longest MCP name kept; longer ones are cut (they come from log lines, so from anyone).
+const MAX_MCP_NAME: usize = 255;
+
+/// The key cache shared by the pipeline, the refresher and (later) the API.
+#[derive(Debug, Default)]
+pub struct SharedKeys {
+    cache: RwLock<Arc<KeyCache>>,
+    refresh: Notify,
+}
+
+impl SharedKeys {
+    pub fn new(cache: KeyCache) -> Arc<SharedKeys> {
+        Arc::new(SharedKeys {
+            cache: RwLock::new(Arc::new(cache)),
+            refresh: Notify::new(),
+        })
+    }
+
+    /// The current cache; cheap, and consistent for as long as it is held.
+    pub fn get(&self) -> Arc<KeyCache> {
+        Arc::clone(&self.cache.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn replace(&self, cache: KeyCache) {
+        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cache);
+    }
+
+    /// Asks the refresher to reload now (a line named a key the cache does not know).
+    pub fn request_refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    /// Reloads the cache from the store.
+    pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        let snapshot = store.load_keys().await?;
+        self.replace(KeyCache::new(snapshot, Utc::now()));
+        Ok(())
+    }
+
+    /// Reloads every `interval`, and at once when asked, until `shutdown`. Errors are logged
+    /// and the old cache kept: a database hiccup must not stop counting.
+    pub async fn refresh_loop(
+        self: Arc<Self>,
+        store: Store,
+        interval: Duration,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) {
+        // At most one reload a second however often lines ask for one.
+        let min_gap = Duration::from_secs(1);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.refresh.notified() => {
+                    let since = last.elapsed();
+                    if since < min_gap {
+                        tokio::time::sleep(min_gap - since).await;
+                    }
+                }
+            }
+            last = Instant::now();
+            match self.reload(&store).await {
+                Ok(()) => metrics.key_cache_loaded(&self.get()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not refresh the key cache; keeping the previous one.")
+                }
+            }
+        }
+    }
+}
+
+/// When to commit, and what counts as on time.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Lines older than the newest event time by more than this are late: still counted
+    /// (usage buckets are additive, so nothing is lost) but flagged as late.
+    pub lateness: chrono::Duration,
+    /// Commit at least this often while lines arrive.
+    pub flush_interval: Duration,
+    /// Commit once this many lines are pending.
+    pub flush_lines: u64,
+    /// Refuse event times further than this ahead of the wall clock: a line dated in the
+    /// year 9999 would otherwise become the newest event time and make every other line late.
+    pub max_future: chrono::Duration,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> PipelineOptions {
+        PipelineOptions {
+            lateness: chrono::Duration::minutes(5),
+            flush_interval: Duration::from_secs(1),
+            flush_lines: 100_000,
+            max_future: chrono::Duration::hours(24),
+        }
+    }
+}
+
+/// What an ingestion did, for its summary.
+#[derive(Debug, Default, Clone)]
+pub struct IngestStats {
+    pub accepted: u64,
+    pub rejected: BTreeMap<RejectReason, u64>,
+    pub late: u64,
+    pub bytes: u64,
+    /// Lines whose key is not in the key tables (refused keys, deleted keys).
+    pub unknown_key_lines: u64,
+    pub first_event: Option<DateTime<Utc>>,
+    pub last_event: Option<DateTime<Utc>>,
+    pub keys: HashSet<Uuid>,
+    pub orgs: HashSet<Uuid>,
+    pub commits: u64,
+}
+
+impl IngestStats {
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// One instance of the pipeline: the current batch, the event-time watermark and the stats.
+pub struct Pipeline {
+    store: Store,
+    keys: Arc<SharedKeys>,
+    metrics: Metrics,
+    opts: PipelineOptions,
+    batch: Batch,
+    pending_lines: u64,
+    checkpoints: HashMap<Arc<str>, Checkpoint>,
+    mcps: HashMap<String, Arc<str>>,
+    watermark: Option<DateTime<Utc>>,
+    stats: IngestStats,
+    last_flush: Instant,
+    /// Called with the bytes of each processed chunk (a progress bar).
+    on_progress: Option<Box<dyn Fn(u64) + Send>>,
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Store,
+        keys: Arc<SharedKeys>,
+        metrics: Metrics,
+        opts: PipelineOptions,
+    ) -> Pipeline {
+        Pipeline {
+            store,
+            keys,
+            metrics,
+            opts,
+            batch: Batch::default(),
+            pending_lines: 0,
+            checkpoints: HashMap::new(),
+            mcps: HashMap::new(),
+            watermark: None,
+            stats: IngestStats::default(),
+            last_flush: Instant::now(),
+            on_progress: None,
+        }
+    }
+
+    /// Reports the bytes of each chunk as it is processed.
+    pub fn with_progress(mut self, f: impl Fn(u64) + Send + 'static) -> Pipeline {
+        self.on_progress = Some(Box::new(f));
+        self
+    }
+
+    pub fn stats(&self) -> &IngestStats {
+        &self.stats
+    }
+
+    /// Runs every line of a chunk through parse → resolve → usage. Synchronous and
+    /// deterministic given the key cache; commits nothing.
+    pub fn process(&mut self, chunk: &Chunk) {
+        let cache = self.keys.get();
+        let now = Utc::now();
+        let mut line_no = chunk.first_line_no;
+        let mut accepted = 0u64;
+        let mut asked_refresh = false;
+        for line in chunk.data.split_inclusive(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            let this_line = line_no;
+            line_no += 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue; // blank lines carry nothing and are not errors
+            }
+            let rec = match event::parse_line(line) {
+                Ok(r) if r.created_at - now > self.opts.max_future => Err(event::ParseError {
+                    reason: RejectReason::BadTimestamp,
+                    detail: format!(
+                        "\"created_at\" {} is more than {} h in the future",
+                        r.created_at.to_rfc3339(),
+                        self.opts.max_future.num_hours()
+                    ),
+                }),
+                other => other,
+            };
+            let rec = match rec {
+                Ok(rec) => rec,
+                Err(e) => {
+                    self.reject(&chunk.source, this_line, line, e);
+                    continue;
+                }
+            };
+            accepted += 1;
+            let resolved = cache.resolve(
+                rec.api_key_id,
+                rec.key_prefix.as_deref(),
+                rec.organization_id,
+            );
+            if !resolved.known {
+                self.stats.unknown_key_lines += 1;
+                if resolved.key_id.is_some() && !asked_refresh {
+                    // A key created after the last refresh: look again soon.
+                    self.keys.request_refresh();
+                    asked_refresh = true;
+                }
+            }
+            let at = rec.created_at;
+            match self.watermark {
+                Some(w) if at < w - self.opts.lateness => self.stats.late += 1,
+                Some(w) if at <= w => {}
+                _ => self.watermark = Some(at),
+            }
+            self.stats.first_event = Some(self.stats.first_event.map_or(at, |f| f.min(at)));
+            self.stats.last_event = Some(self.stats.last_event.map_or(at, |l| l.max(at)));
+            if let Some(k) = resolved.key_id {
+                self.stats.keys.insert(k);
+            }
+            if let Some(o) = resolved.org_id {
+                self.stats.orgs.insert(o);
+            }
+            let mcp = self.intern_mcp(rec.mcp_server_name.as_deref().unwrap_or(""));
+            self.batch.rollup.record(
+                at,
+                resolved.key_id,
+                resolved.org_id,
+                &mcp,
+                rec.http_status_code,
+                rec.latency_ms,
+                rec.request_size_bytes,
+                rec.response_size_bytes,
+            );
+        }
+        self.stats.accepted += accepted;
+        self.stats.bytes += chunk.data.len() as u64;
+        self.metrics.lines_accepted(&chunk.source, accepted);
+        self.pending_lines += line_no - chunk.first_line_no;
+        if let Some(cp) = &chunk.checkpoint {
+            self.checkpoints
+                .insert(Arc::clone(&chunk.source), cp.clone());
+        }
+        if let Some(f) = &self.on_progress {
+            f(chunk.data.len() as u64);
+        }
+    }
+
+    fn reject(&mut self, source: &Arc<str>, line_no: u64, line: &[u8], e: event::ParseError) {
+        *self.stats.rejected.entry(e.reason).or_default() += 1;
+        self.metrics.line_rejected(source, e.reason);
+        let kept = &line[..line.len().min(DEAD_LETTER_LINE_BYTES)];
+        let text = String::from_utf8_lossy(kept);
+        let text = redact_keys(&text).unwrap_or_else(|| text.into_owned());
+        let detail = redact_keys(&e.detail).unwrap_or(e.detail);
+        if self.batch.dead_letters.len() < 10 {
+            tracing::debug!(source = %source, line = line_no, reason = %e.reason, "Refused a line.");
+        }
+        self.batch.dead_letters.push(DeadLetter {
+            source: source.to_string(),
+            line_no,
+            reason: e.reason.as_str(),
+            detail,
+            line: text.replace('\0', "\u{FFFD}"),
+        });
+    }
+
+    fn intern_mcp(&mut self, name: &str) -> Arc<str> {
+        if let Some(m) = self.mcps.get(name) {
+            return Arc::clone(m);
+        }
+        let mut kept = redact_keys(name).unwrap_or_else(|| name.to_owned());
+        if kept.len() > MAX_MCP_NAME {
+            let mut end = MAX_MCP_NAME;
+            while !kept.is_char_boundary(end) {
+                end -= 1;
+            }
+            kept.truncate(end);
+        }
+        let arc: Arc<str> = Arc::from(kept.replace('\0', ""));
+        // Bound the interner: names come from log lines, so from anyone.
+        if self.mcps.len() < 100_000 {
+            self.mcps.insert(name.to_owned(), Arc::clone(&arc));
+        }
+        arc
+    }
+
+    /// Whether the batch should be committed now.
+    pub fn flush_due(&self) -> bool {
+        self.pending_lines >= self.opts.flush_lines
+            || (self.pending_lines > 0 && self.last_flush.elapsed() >= self.opts.flush_interval)
+    }
+
+    /// Commits the current batch and the checkpoints it covers.
+    pub async fn flush(&mut self) -> Result<(), StoreError> {
+        self.batch.checkpoints = self
+            .checkpoints
+            .drain()
+            .map(|(s, cp)| (s.to_string(), cp))
+            .collect();
+        if self.batch.is_empty() {
+            self.last_flush = Instant::now();
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = self.store.commit_batch(&self.batch).await;
+        self.metrics
+            .batch_committed(started.elapsed(), result.is_ok());
+        match result {
+            Ok(()) => {
+                self.batch = Batch::default();
+                self.pending_lines = 0;
+                self.stats.commits += 1;
+                self.last_flush = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the checkpoints for the retry: they still describe this batch.
+                for (s, cp) in self.batch.checkpoints.drain(..) {
+                    self.checkpoints.entry(Arc::from(s)).or_insert(cp);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits, retrying with backoff while the database is unavailable, until it succeeds
+    /// or `give_up` has passed. While it retries nothing is read, so the sources wait.
+    async fn flush_with_retry(&mut self, give_up: Option<Duration>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match self.flush().await {
+                Ok(()) => return Ok(()),
+                Err(e) if give_up.is_some_and(|g| started.elapsed() >= g) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Could not commit counts; will retry.");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Consumes chunks until every sender is gone or `shutdown`, committing as it goes and
+    /// once more at the end. `give_up` bounds how long a failing commit is retried.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Chunk>,
+        shutdown: CancellationToken,
+        give_up: Option<Duration>,
+    ) -> Result<IngestStats, StoreError> {
+        loop {
+            let wait = self
+                .opts
+                .flush_interval
+                .saturating_sub(self.last_flush.elapsed());
+            tokio::select! {
+                biased;
+                chunk = rx.recv() => match chunk {
+                    Some(chunk) => self.process(&chunk),
+                    None => break,
+                },
+                _ = shutdown.cancelled() => {
+                    // Take what the sources already handed over, then stop.
+                    while let Ok(chunk) = rx.try_recv() {
+                        self.process(&chunk);
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            }
+            if self.flush_due() {
+                self.flush_with_retry(give_up).await?;
+            }
+        }
+        self.flush_with_retry(give_up).await?;
+        Ok(self.stats)
+    }
+}

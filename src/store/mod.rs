@@ -1,0 +1,223 @@
+//! Storage through sqlx, on two real back ends: SQLite (the embedded default) and PostgreSQL
+//! (the database the auth server also uses).
+//!
+//! Owns the connection, the migrations and every SQL statement keywatch runs. The two
+//! dialects share their SQL wherever the databases agree (`$N` placeholders, `ON CONFLICT`
+//! upserts, `CAST(SUM(..) AS BIGINT)`), so each operation is written once and run on either
+//! pool by [`with_pool!`]. Nothing outside this module sees a pool or writes SQL; nothing in
+//! here decides what to count or when.
+
+mod ingest;
+mod keys;
+mod report;
+
+pub use ingest::{Batch, DeadLetter};
+pub use keys::{NewKeyRow, NewOrg};
+pub use report::{SegmentQuery, UsageAggregate};
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// The table where keywatch records its own migrations. Not sqlx's default
+/// `_sqlx_migrations`: the auth server (also built on sqlx) keeps its own there, and each
+/// would refuse to start on finding the other's versions.
+const MIGRATIONS_TABLE: &str = "keywatch_migrations";
+
+/// What went wrong talking to the database, worded for the person running keywatch.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL {url:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl { url: String },
+    #[error(
+        "cannot open the database at {url}: {source}; check --database-url (KEYWATCH_DATABASE_URL) and that the server is running"
+    )]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot apply keywatch's migrations to {url}: {source}")]
+    Migrate {
+        url: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database error while {context}: {source}")]
+    Query {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Adds what a failed statement was for.
+pub(crate) trait QueryContext<T> {
+    fn context(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> QueryContext<T> for Result<T, sqlx::Error> {
+    fn context(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Query { context, source })
+    }
+}
+
+/// Which database a [`Store`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs one body against whichever pool the store has. The body is compiled once per
+/// back end, so it may use `$p` as a concrete `SqlitePool` or `PgPool`.
+macro_rules! with_pool {
+    ($store:expr, $p:ident => $body:expr) => {
+        match &$store.pool {
+            $crate::store::Pool::Sqlite($p) => $body,
+            $crate::store::Pool::Postgres($p) => $body,
+        }
+    };
+}
+pub(crate) use with_pool;
+
+/// A connection pool to keywatch's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: Pool,
+    url: String,
+}
+
+impl Store {
+    /// Opens (and for SQLite, creates) the database at `url`, without migrating.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let shown = redact_url(url);
+        let connect_err = |source| StoreError::Connect {
+            url: shown.clone(),
+            source,
+        };
+        let pool = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(connect_err)?
+                .create_if_missing(true)
+                // WAL with NORMAL sync survives a killed process without losing a commit.
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(opts)
+                    .await
+                    .map_err(connect_err)?,
+            )
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url).map_err(connect_err)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(opts)
+                    .await
+                    .map_err(connect_err)?,
+            )
+        } else {
+            return Err(StoreError::UnsupportedUrl { url: shown });
+        };
+        Ok(Store { pool, url: shown })
+    }
+
+    /// Opens the database and applies any migrations it lacks.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let store = Store::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies keywatch's migrations for this dialect: the shared key tables where they are
+    /// missing (never altering existing ones), then keywatch's own tables.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let err = |source| StoreError::Migrate {
+            url: self.url.clone(),
+            source,
+        };
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut m = sqlx::migrate!("migrations/sqlite");
+                m.dangerous_set_table_name(MIGRATIONS_TABLE);
+                m.run(p).await.map_err(err)
+            }
+            Pool::Postgres(p) => {
+                let mut m = sqlx::migrate!("migrations/postgres");
+                m.dangerous_set_table_name(MIGRATIONS_TABLE);
+                m.run(p).await.map_err(err)
+            }
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.pool {
+            Pool::Sqlite(_) => Dialect::Sqlite,
+            Pool::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// The database URL with any password removed, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
+            .context("checking the connection")
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, p => p.close().await)
+    }
+}
+
+/// `url` with the password part of its authority replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_appear_in_messages() {
+        assert_eq!(
+            redact_url("postgres://kw:s3cret@db:5432/auth"),
+            "postgres://kw:***@db:5432/auth"
+        );
+        assert_eq!(
+            redact_url("postgres://root@127.0.0.1/test"),
+            "postgres://root@127.0.0.1/test"
+        );
+        assert_eq!(redact_url("sqlite://keywatch.db"), "sqlite://keywatch.db");
+    }
+}

@@ -1,0 +1,190 @@
+//! Reading usage back: sums of the rollup tables over one time segment, grouped as asked.
+//!
+//! The query layer (`crate::report`) splits a time range into segments that whole buckets of
+//! one granularity cover, and merges the sums; this file only runs one segment's query.
+
+use chrono::{DateTime, Utc};
+use sqlx::{QueryBuilder, Row};
+
+use super::keys::DbTime;
+use super::{QueryContext, Store, StoreError, with_pool};
+use crate::usage::{Counters, Granularity, LATENCY_BUCKETS, latency_columns};
+
+/// One segment's query: a table, a half-open time range, filters and grouping.
+#[derive(Debug, Clone)]
+pub struct SegmentQuery {
+    pub granularity: Granularity,
+    pub from: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// Organization id (hyphenated), or '' for refused keys without one.
+    pub org: Option<String>,
+    /// Key id (hyphenated), or '' for refused keys that match no key.
+    pub key: Option<String>,
+    pub mcp: Option<String>,
+    pub by_key: bool,
+    pub by_org: bool,
+    pub by_mcp: bool,
+    pub by_bucket: bool,
+}
+
+/// The sums of one group in one segment. Grouping columns not asked for are `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageAggregate {
+    pub key_id: Option<String>,
+    pub org_id: Option<String>,
+    pub mcp: Option<String>,
+    pub bucket_start: Option<DateTime<Utc>>,
+    pub counters: Counters,
+}
+
+const SUMMED: [&str; 8] = [
+    "requests",
+    "err_auth",
+    "err_rate_limited",
+    "err_client",
+    "err_server",
+    "latency_ms_sum",
+    "bytes_in",
+    "bytes_out",
+];
+
+impl SegmentQuery {
+    fn group_columns(&self) -> Vec<&'static str> {
+        let mut cols = Vec::new();
+        if self.by_key {
+            cols.push("key_id");
+        }
+        if self.by_org {
+            cols.push("org_id");
+        }
+        if self.by_mcp {
+            cols.push("mcp");
+        }
+        if self.by_bucket {
+            cols.push("bucket_start");
+        }
+        cols
+    }
+}
+
+/// Builds the filtered WHERE clause shared by the usage queries.
+macro_rules! push_filters {
+    ($qb:expr, $q:expr) => {{
+        $qb.push(" WHERE bucket_start >= ")
+            .push_bind(DbTime($q.from))
+            .push(" AND bucket_start < ")
+            .push_bind(DbTime($q.until));
+        if let Some(org) = &$q.org {
+            $qb.push(" AND org_id = ").push_bind(org.clone());
+        }
+        if let Some(key) = &$q.key {
+            $qb.push(" AND key_id = ").push_bind(key.clone());
+        }
+        if let Some(mcp) = &$q.mcp {
+            $qb.push(" AND mcp = ").push_bind(mcp.clone());
+        }
+    }};
+}
+
+impl Store {
+    /// Sums the usage of one segment.
+    pub async fn usage_segment(&self, q: &SegmentQuery) -> Result<Vec<UsageAggregate>, StoreError> {
+        let groups = q.group_columns();
+        let mut select: Vec<String> = groups
+            .iter()
+            .map(|c| format!("CAST({c} AS TEXT)"))
+            .collect();
+        select.extend(
+            SUMMED
+                .iter()
+                .map(|c| c.to_string())
+                .chain(latency_columns())
+                .map(|c| format!("CAST(SUM({c}) AS BIGINT)")),
+        );
+        let head = format!(
+            "SELECT {} FROM kw_usage_{}",
+            select.join(", "),
+            q.granularity.as_str()
+        );
+        let ng = groups.len();
+        with_pool!(self, p => {
+            let mut qb = QueryBuilder::new(head);
+            push_filters!(qb, q);
+            if !groups.is_empty() {
+                qb.push(" GROUP BY ").push(groups.join(", "));
+            }
+            let rows = qb.build().fetch_all(p).await.context("summing usage")?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let text = |i: usize| -> Result<String, StoreError> {
+                    row.try_get::<String, _>(i).context("reading a usage row")
+                };
+                let mut agg = UsageAggregate {
+                    key_id: None,
+                    org_id: None,
+                    mcp: None,
+                    bucket_start: None,
+                    counters: Counters::default(),
+                };
+                for (i, col) in groups.iter().enumerate() {
+                    let v = text(i)?;
+                    match *col {
+                        "key_id" => agg.key_id = Some(v),
+                        "org_id" => agg.org_id = Some(v),
+                        "mcp" => agg.mcp = Some(v),
+                        _ => agg.bucket_start = crate::event::parse_timestamp(&v).ok(),
+                    }
+                }
+                let n = |i: usize| -> Result<u64, StoreError> {
+                    Ok(row
+                        .try_get::<Option<i64>, _>(ng + i)
+                        .context("reading a usage sum")?
+                        .unwrap_or(0)
+                        .max(0) as u64)
+                };
+                let c = &mut agg.counters;
+                c.requests = n(0)?;
+                c.err_auth = n(1)?;
+                c.err_rate_limited = n(2)?;
+                c.err_client = n(3)?;
+                c.err_server = n(4)?;
+                c.latency_ms_sum = n(5)?;
+                c.bytes_in = n(6)?;
+                c.bytes_out = n(7)?;
+                for b in 0..LATENCY_BUCKETS {
+                    c.latency[b] = n(SUMMED.len() + b)?;
+                }
+                if c.requests > 0 || ng > 0 {
+                    out.push(agg);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The busiest minute of each key in a range: key id and its requests in that minute.
+    pub async fn peak_minutes(&self, q: &SegmentQuery) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut minute = q.clone();
+        minute.granularity = Granularity::Minute;
+        with_pool!(self, p => {
+            let mut qb = QueryBuilder::new(
+                "SELECT key_id, MAX(r) FROM (SELECT key_id, bucket_start, \
+                 CAST(SUM(requests) AS BIGINT) AS r FROM kw_usage_minute",
+            );
+            push_filters!(qb, minute);
+            qb.push(" GROUP BY key_id, bucket_start) per_minute GROUP BY key_id");
+            let rows = qb.build().fetch_all(p).await.context("finding peak minutes")?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get::<String, _>(0).context("reading a peak minute")?,
+                        row.try_get::<Option<i64>, _>(1)
+                            .context("reading a peak minute")?
+                            .unwrap_or(0)
+                            .max(0) as u64,
+                    ))
+                })
+                .collect()
+        })
+    }
+}

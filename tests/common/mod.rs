@@ -1,0 +1,321 @@
+//! Helpers shared by the integration tests: the real binary, a fresh database per test (a
+//! SQLite file, or a new PostgreSQL database on the server named by
+//! `KEYWATCH_TEST_POSTGRES_URL`), and an oracle that counts a log file independently of
+//! keywatch's own parser.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The keywatch binary built for these tests.
+pub fn keywatch() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keywatch"));
+    c.env_remove("KEYWATCH_DATABASE_URL")
+        .env_remove("KEYWATCH_SOURCE")
+        .env("KEYWATCH_LOG", "warn");
+    c
+}
+
+/// Runs keywatch against `db`, asserting success, and returns stdout.
+pub fn kw_ok(db: &TestDb, args: &[&str]) -> String {
+    let out = kw(db, args);
+    assert!(
+        out.status.success(),
+        "keywatch {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("stdout is UTF-8")
+}
+
+pub fn kw(db: &TestDb, args: &[&str]) -> Output {
+    keywatch()
+        .arg("--database-url")
+        .arg(&db.url)
+        .args(args)
+        .output()
+        .expect("keywatch runs")
+}
+
+/// Which back end a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database of the test's own, removed when the test ends.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    pub dir: tempfile::TempDir,
+    pg_admin: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A fresh database on `backend`, or `None` (with a note) when PostgreSQL is not
+    /// configured. Under CI a missing server is a failure, never a skip.
+    pub fn new(backend: Backend) -> Option<TestDb> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Sqlite => Some(TestDb {
+                url: format!("sqlite://{}", dir.path().join("keywatch.db").display()),
+                backend,
+                dir,
+                pg_admin: None,
+            }),
+            Backend::Postgres => {
+                let Ok(admin) = std::env::var("KEYWATCH_TEST_POSTGRES_URL") else {
+                    assert!(
+                        std::env::var("CI").is_err(),
+                        "CI is set but KEYWATCH_TEST_POSTGRES_URL is not: the PostgreSQL tests must run"
+                    );
+                    eprintln!(
+                        "skipped: PostgreSQL test (set KEYWATCH_TEST_POSTGRES_URL to run it)"
+                    );
+                    return None;
+                };
+                let name = format!("kw_test_{}", uuid::Uuid::new_v4().simple());
+                pg_exec(&admin, &format!("CREATE DATABASE {name}"));
+                let url = match admin.rsplit_once('/') {
+                    Some((base, _)) => format!("{base}/{name}"),
+                    None => panic!("KEYWATCH_TEST_POSTGRES_URL must end in /DATABASE"),
+                };
+                Some(TestDb {
+                    url,
+                    backend,
+                    dir,
+                    pg_admin: Some((admin, name)),
+                })
+            }
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs SQL statements directly against this database.
+    pub fn exec(&self, sql: &str) {
+        match self.backend {
+            Backend::Postgres => pg_exec(&self.url, sql),
+            Backend::Sqlite => block_on(async {
+                use sqlx::Connection;
+                let mut c = sqlx::SqliteConnection::connect(&format!("{}?mode=rwc", self.url))
+                    .await
+                    .expect("sqlite connects");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(&mut c)
+                    .await
+                    .expect("sql runs");
+            }),
+        }
+    }
+
+    /// Runs a query returning text rows.
+    pub fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        block_on(async {
+            use sqlx::{Connection, Row};
+            let sql = sqlx::AssertSqlSafe(sql.to_owned());
+            match self.backend {
+                Backend::Sqlite => {
+                    let mut c = sqlx::SqliteConnection::connect(&self.url)
+                        .await
+                        .expect("connects");
+                    let rows = sqlx::query(sql)
+                        .fetch_all(&mut c)
+                        .await
+                        .expect("query runs");
+                    rows.iter()
+                        .map(|r| {
+                            (0..r.len())
+                                .map(|i| r.try_get::<Option<String>, _>(i).ok().flatten())
+                                .collect()
+                        })
+                        .collect()
+                }
+                Backend::Postgres => {
+                    let mut c = sqlx::PgConnection::connect(&self.url)
+                        .await
+                        .expect("connects");
+                    let rows = sqlx::query(sql)
+                        .fetch_all(&mut c)
+                        .await
+                        .expect("query runs");
+                    rows.iter()
+                        .map(|r| {
+                            (0..r.len())
+                                .map(|i| r.try_get::<Option<String>, _>(i).ok().flatten())
+                                .collect()
+                        })
+                        .collect()
+                }
+            }
+        })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = &self.pg_admin {
+            let _ = std::panic::catch_unwind(|| {
+                pg_exec(
+                    admin,
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                )
+            });
+        }
+    }
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+fn pg_exec(url: &str, sql: &str) {
+    block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {url}: {e}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    })
+}
+
+/// Both back ends, PostgreSQL only where configured.
+pub fn backends() -> Vec<TestDb> {
+    [Backend::Sqlite, Backend::Postgres]
+        .into_iter()
+        .filter_map(TestDb::new)
+        .collect()
+}
+
+/// The counts of one group, as the oracle and the report both give them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub requests: u64,
+    pub auth: u64,
+    pub rate_limited: u64,
+    pub client: u64,
+    pub server: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Tally {
+    fn add_status(&mut self, status: u64, bytes_in: u64, bytes_out: u64) {
+        self.requests += 1;
+        match status {
+            401 | 403 => self.auth += 1,
+            429 => self.rate_limited += 1,
+            400..=499 => self.client += 1,
+            500..=599 => self.server += 1,
+            _ => {}
+        }
+        self.bytes_in += bytes_in;
+        self.bytes_out += bytes_out;
+    }
+}
+
+/// Counts a request log with serde_json alone, per key id (`None` for lines without one)
+/// and per organization id. Lines that are not JSON objects with a status are skipped.
+pub fn oracle(
+    path: &Path,
+) -> (
+    BTreeMap<Option<String>, Tally>,
+    BTreeMap<Option<String>, Tally>,
+) {
+    let bytes = std::fs::read(path).expect("log readable");
+    let mut keys: BTreeMap<Option<String>, Tally> = BTreeMap::new();
+    let mut orgs: BTreeMap<Option<String>, Tally> = BTreeMap::new();
+    for line in bytes.split(|&b| b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            continue;
+        };
+        let Some(status) = v["http_status_code"].as_u64() else {
+            continue;
+        };
+        let s = |f: &str| v[f].as_str().map(str::to_owned);
+        let n = |f: &str| v[f].as_u64().unwrap_or(0);
+        keys.entry(s("api_key_id")).or_default().add_status(
+            status,
+            n("request_size_bytes"),
+            n("response_size_bytes"),
+        );
+        orgs.entry(s("organization_id")).or_default().add_status(
+            status,
+            n("request_size_bytes"),
+            n("response_size_bytes"),
+        );
+    }
+    (keys, orgs)
+}
+
+/// `report usage --format json` grouped by `group` ("key" or "org"), as tallies by id.
+pub fn reported(db: &TestDb, group: &str) -> BTreeMap<Option<String>, Tally> {
+    let out = kw_ok(
+        db,
+        &["report", "usage", "--group-by", group, "--format", "json"],
+    );
+    let v: Value = serde_json::from_str(&out).expect("report is JSON");
+    assert_eq!(v["success"], true);
+    let id_field = if group == "key" { "key_id" } else { "org_id" };
+    let mut out = BTreeMap::new();
+    for row in v["data"].as_array().expect("data is a list") {
+        let e = &row["errors"];
+        let t = Tally {
+            requests: row["requests"].as_u64().unwrap(),
+            auth: e["auth"].as_u64().unwrap(),
+            rate_limited: e["rate_limited"].as_u64().unwrap(),
+            client: e["client"].as_u64().unwrap(),
+            server: e["server"].as_u64().unwrap(),
+            bytes_in: row["bytes_in"].as_u64().unwrap(),
+            bytes_out: row["bytes_out"].as_u64().unwrap(),
+        };
+        let prev = out.insert(row[id_field].as_str().map(str::to_owned), t);
+        assert!(prev.is_none(), "one row per group");
+    }
+    out
+}
+
+/// Total requests reported.
+pub fn total_requests(db: &TestDb) -> u64 {
+    reported(db, "key").values().map(|t| t.requests).sum()
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+/// Generates a log with `keywatch simulate` (and its keys in `db`).
+pub fn simulate(db: &TestDb, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "simulate",
+        "--out",
+        out.to_str().unwrap(),
+        "--end",
+        "2026-11-20T12:00:00Z",
+    ];
+    args.extend_from_slice(extra);
+    kw_ok(db, &args);
+}
