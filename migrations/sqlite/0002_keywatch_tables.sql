@@ -3,7 +3,9 @@
 -- instances) merge by addition and never overwrite each other. `key_id` and `org_id` are ''
 -- for a refused key that matches no key. Latency is a histogram: `lat_le_N` counts requests
 -- that took more than the previous bound and at most N ms (the bounds are `LATENCY_BOUNDS_MS`
--- in src/usage.rs).
+-- in src/usage.rs). Reports read minute and hour rows only for the edges of a range (and
+-- the primary key, led by bucket_start, serves those), so only the day table has indexes by
+-- organization and key: every index is one more B-tree write per counted request.
 
 CREATE TABLE IF NOT EXISTS kw_usage_minute (
     bucket_start TEXT NOT NULL,
@@ -49,8 +51,6 @@ CREATE TABLE IF NOT EXISTS kw_usage_minute (
     lat_le_inf BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (bucket_start, key_id, org_id, mcp)
 );
-CREATE INDEX IF NOT EXISTS kw_usage_minute_org ON kw_usage_minute (org_id, bucket_start);
-CREATE INDEX IF NOT EXISTS kw_usage_minute_key ON kw_usage_minute (key_id, bucket_start);
 
 CREATE TABLE IF NOT EXISTS kw_usage_hour (
     bucket_start TEXT NOT NULL,
@@ -96,8 +96,6 @@ CREATE TABLE IF NOT EXISTS kw_usage_hour (
     lat_le_inf BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (bucket_start, key_id, org_id, mcp)
 );
-CREATE INDEX IF NOT EXISTS kw_usage_hour_org ON kw_usage_hour (org_id, bucket_start);
-CREATE INDEX IF NOT EXISTS kw_usage_hour_key ON kw_usage_hour (key_id, bucket_start);
 
 CREATE TABLE IF NOT EXISTS kw_usage_day (
     bucket_start TEXT NOT NULL,

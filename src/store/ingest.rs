@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::QueryBuilder;
 
 use super::keys::DbTime;
-use super::{QueryContext, Store, StoreError, with_pool};
+use super::{COUNTER_COLUMNS, QueryContext, Store, StoreError, with_pool};
 use crate::source::{Checkpoint, CheckpointReader};
 use crate::usage::{Counters, Granularity, Rollup, SeriesKey, latency_columns};
 
@@ -42,34 +42,25 @@ impl Batch {
 }
 
 /// The column list after the key columns, as the upsert writes it.
-static COUNTER_COLUMNS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    [
-        "requests",
-        "err_auth",
-        "err_rate_limited",
-        "err_client",
-        "err_server",
-        "latency_ms_sum",
-        "bytes_in",
-        "bytes_out",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain(latency_columns())
-    .collect()
+static ALL_COLUMNS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    COUNTER_COLUMNS
+        .into_iter()
+        .map(str::to_owned)
+        .chain(latency_columns())
+        .collect()
 });
 
 fn upsert_head(g: Granularity) -> String {
     format!(
         "INSERT INTO kw_usage_{} (bucket_start, key_id, org_id, mcp, {}) ",
         g.as_str(),
-        COUNTER_COLUMNS.join(", ")
+        ALL_COLUMNS.join(", ")
     )
 }
 
 fn upsert_tail(g: Granularity) -> String {
     let table = format!("kw_usage_{}", g.as_str());
-    let sets: Vec<String> = COUNTER_COLUMNS
+    let sets: Vec<String> = ALL_COLUMNS
         .iter()
         .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
         .collect();

@@ -26,6 +26,19 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 /// would refuse to start on finding the other's versions.
 const MIGRATIONS_TABLE: &str = "keywatch_migrations";
 
+/// The additive counter columns of the usage tables, before the latency histogram's, in the
+/// order of `usage::Counters`.
+const COUNTER_COLUMNS: [&str; 8] = [
+    "requests",
+    "err_auth",
+    "err_rate_limited",
+    "err_client",
+    "err_server",
+    "latency_ms_sum",
+    "bytes_in",
+    "bytes_out",
+];
+
 /// What went wrong talking to the database, worded for the person running keywatch.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -114,7 +127,11 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // The rollup tables are written all over their B-trees; SQLite's default 2 MiB
+                // page cache makes every upsert a system call (measured: 70% of ingest time).
+                .pragma("cache_size", "-65536")
+                .pragma("mmap_size", "268435456");
             Pool::Sqlite(
                 SqlitePoolOptions::new()
                     .max_connections(4)

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Row};
 
 use super::keys::DbTime;
-use super::{QueryContext, Store, StoreError, with_pool};
+use super::{COUNTER_COLUMNS, QueryContext, Store, StoreError, with_pool};
 use crate::usage::{Counters, Granularity, LATENCY_BUCKETS, latency_columns};
 
 /// One segment's query: a table, a half-open time range, filters and grouping.
@@ -36,17 +36,6 @@ pub struct UsageAggregate {
     pub bucket_start: Option<DateTime<Utc>>,
     pub counters: Counters,
 }
-
-const SUMMED: [&str; 8] = [
-    "requests",
-    "err_auth",
-    "err_rate_limited",
-    "err_client",
-    "err_server",
-    "latency_ms_sum",
-    "bytes_in",
-    "bytes_out",
-];
 
 impl SegmentQuery {
     fn group_columns(&self) -> Vec<&'static str> {
@@ -95,7 +84,7 @@ impl Store {
             .map(|c| format!("CAST({c} AS TEXT)"))
             .collect();
         select.extend(
-            SUMMED
+            COUNTER_COLUMNS
                 .iter()
                 .map(|c| c.to_string())
                 .chain(latency_columns())
@@ -152,7 +141,7 @@ impl Store {
                 c.bytes_in = n(6)?;
                 c.bytes_out = n(7)?;
                 for b in 0..LATENCY_BUCKETS {
-                    c.latency[b] = n(SUMMED.len() + b)?;
+                    c.latency[b] = n(COUNTER_COLUMNS.len() + b)?;
                 }
                 if c.requests > 0 || ng > 0 {
                     out.push(agg);
