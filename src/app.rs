@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::keys::KeyCache;
 use crate::metrics::Metrics;
-use crate::pipeline::{IngestStats, Pipeline, PipelineOptions, SharedKeys};
+use crate::pipeline::{IngestStats, Pipeline, PipelineOptions, Progress, SharedKeys};
 use crate::source::file::{FileOptions, run_file};
 use crate::source::stdin::run_stdin;
 use crate::source::{Chunk, SourceError};
@@ -69,7 +69,7 @@ pub async fn run_sources(
     file_opts: FileOptions,
     opts: PipelineOptions,
     shutdown: CancellationToken,
-    progress: Option<Box<dyn Fn(u64) + Send>>,
+    progress: Option<Progress>,
 ) -> Result<(IngestStats, Option<SourceError>), StoreError> {
     let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
     let checkpoints = Arc::new(store.clone());

@@ -134,7 +134,8 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
-    /// Request-log files (`-` for stdin).
+    /// Request-log files (`-` for stdin, which has no checkpoint: the same lines fed twice are
+    /// counted twice).
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
 

@@ -169,15 +169,18 @@ async fn ingest_sources(
         let bar = indicatif::ProgressBar::new(total_bytes);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                "{spinner} [{elapsed_precise}] {wide_bar} {msg} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar
     });
-    let progress: Option<Box<dyn Fn(u64) + Send>> = bar
-        .clone()
-        .map(|b| Box::new(move |n: u64| b.inc(n)) as Box<dyn Fn(u64) + Send>);
+    let progress: Option<crate::pipeline::Progress> = bar.clone().map(|b| {
+        Box::new(move |bytes: u64, lines: u64| {
+            b.inc(bytes);
+            b.set_message(format!("{} lines", group_digits(lines)));
+        }) as crate::pipeline::Progress
+    });
     let started = Instant::now();
     let file_opts = FileOptions {
         follow: false,
@@ -658,7 +661,12 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
                     r.org_id
                         .map_or("(no organization)".to_owned(), |o| o.to_string())
                 })],
-                GroupBy::Mcp => vec![r.mcp.clone().unwrap_or_default()],
+                GroupBy::Mcp => vec![
+                    r.mcp
+                        .clone()
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| "(none)".to_owned()),
+                ],
             };
             if bucketed {
                 cells.push(r.bucket_start.map(short_time).unwrap_or_default());
@@ -681,7 +689,11 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
                 ]),
                 GroupBy::Org => cells.extend([
                     r.month_to_date.map(num).unwrap_or_default(),
-                    r.monthly_limit.map_or("unlimited".to_owned(), num),
+                    match (r.monthly_limit, r.limit_source) {
+                        (Some(l), _) => num(l),
+                        (None, Some(_)) => "unlimited".to_owned(),
+                        (None, None) => String::new(),
+                    },
                     r.percent_used()
                         .map_or(String::new(), |p| format!("{p:.1}%")),
                 ]),

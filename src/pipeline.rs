@@ -26,6 +26,9 @@ const DEAD_LETTER_LINE_BYTES: usize = 8 * 1024;
 /// The longest MCP name kept; longer ones are cut (they come from log lines, so from anyone).
 const MAX_MCP_NAME: usize = 255;
 
+/// Reports progress: bytes of the chunk just processed, and lines processed so far.
+pub type Progress = Box<dyn Fn(u64, u64) + Send>;
+
 /// The key cache shared by the pipeline, the refresher and (later) the API.
 #[derive(Debug, Default)]
 pub struct SharedKeys {
@@ -157,8 +160,8 @@ pub struct Pipeline {
     watermark: Option<DateTime<Utc>>,
     stats: IngestStats,
     last_flush: Instant,
-    /// Called with the bytes of each processed chunk (a progress bar).
-    on_progress: Option<Box<dyn Fn(u64) + Send>>,
+    /// Called after each chunk with the bytes and lines processed so far (a progress bar).
+    on_progress: Option<Progress>,
 }
 
 impl Pipeline {
@@ -185,8 +188,8 @@ impl Pipeline {
     }
 
     /// Reports the bytes of each chunk as it is processed.
-    pub fn with_progress(mut self, f: impl Fn(u64) + Send + 'static) -> Pipeline {
-        self.on_progress = Some(Box::new(f));
+    pub fn with_progress(mut self, f: Progress) -> Pipeline {
+        self.on_progress = Some(f);
         self
     }
 
@@ -276,7 +279,10 @@ impl Pipeline {
                 .insert(Arc::clone(&chunk.source), cp.clone());
         }
         if let Some(f) = &self.on_progress {
-            f(chunk.data.len() as u64);
+            f(
+                chunk.data.len() as u64,
+                self.stats.accepted + self.stats.rejected_total(),
+            );
         }
     }
 
