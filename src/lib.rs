@@ -21,6 +21,7 @@ pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod detect;
 pub mod event;
 pub mod geo;
 pub mod keys;

@@ -119,7 +119,7 @@ impl Default for PipelineOptions {
         PipelineOptions {
             lateness: chrono::Duration::minutes(5),
             flush_interval: Duration::from_secs(1),
-            flush_lines: 100_000,
+            flush_lines: 25_000,
             max_future: chrono::Duration::hours(24),
         }
     }
