@@ -8,7 +8,13 @@ use keywatch::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log)
+    // sqlx reports PostgreSQL's notices ("relation already exists, skipping") at info.
+    let directives = if cli.global.log.contains("sqlx") {
+        cli.global.log.clone()
+    } else {
+        format!("{},sqlx=warn", cli.global.log)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
