@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::keys::KeyCache;
 use crate::metrics::Metrics;
-use crate::pipeline::{IngestStats, Pipeline, PipelineOptions, Progress, SharedKeys};
+use crate::pipeline::{Detection, IngestStats, Pipeline, PipelineOptions, Progress, SharedKeys};
 use crate::source::file::{FileOptions, run_file};
 use crate::source::stdin::run_stdin;
 use crate::source::{Chunk, SourceError};
@@ -70,6 +70,7 @@ pub async fn run_sources(
     opts: PipelineOptions,
     shutdown: CancellationToken,
     progress: Option<Progress>,
+    detection: Option<Detection>,
 ) -> Result<(IngestStats, Option<SourceError>), StoreError> {
     let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
     let checkpoints = Arc::new(store.clone());
@@ -92,6 +93,9 @@ pub async fn run_sources(
     let mut pipeline = Pipeline::new(store.clone(), keys, metrics.clone(), opts);
     if let Some(p) = progress {
         pipeline = pipeline.with_progress(p);
+    }
+    if let Some(d) = detection {
+        pipeline = pipeline.with_detection(d);
     }
     let sources_done = async {
         let mut first_err = None;
@@ -126,6 +130,7 @@ pub struct DaemonSettings {
     pub start_at_end: bool,
     pub key_refresh: Duration,
     pub lateness: Duration,
+    pub geo: Option<Arc<crate::geo::GeoDb>>,
 }
 
 /// The daemon: sources followed forever, keys refreshed, HTTP served, until `shutdown`.
@@ -175,6 +180,10 @@ pub async fn run_daemon(
         opts,
         shutdown.clone(),
         None,
+        Some(Detection {
+            detectors: crate::detect::Detectors::new(&crate::detect::Settings::default()),
+            geo: settings.geo.clone(),
+        }),
     )
     .await?;
     tracing::info!(

@@ -217,6 +217,8 @@ pub enum ReportCommand {
     /// Requests, errors by class, latency and bytes per key, organization or MCP; for
     /// organizations, month-to-date usage against the monthly limit.
     Usage(UsageArgs),
+    /// Alerts the detectors raised, by when their episode started.
+    Alerts(AlertsArgs),
     /// Lines that were refused, with their source, line number, reason and text.
     Rejected {
         /// Only lines of this source (for example file:/var/log/plexmcp/requests.log).
@@ -253,6 +255,30 @@ pub struct UsageArgs {
     /// Split each row into buckets of this size.
     #[arg(long, value_enum)]
     pub bucket: Option<BucketArg>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// Only alerts that started in the last DURATION (for example 7d).
+    #[arg(long, value_parser = parse_duration, conflicts_with_all = ["from", "until"], value_name = "DURATION")]
+    pub since: Option<std::time::Duration>,
+    /// Started at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// Started before this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Alert type, for example new_country or error_spike.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub r#type: Option<String>,
+    /// Organization id or slug.
+    #[arg(long)]
+    pub org: Option<String>,
+    /// Key id or prefix.
+    #[arg(long)]
+    pub key: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

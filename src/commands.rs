@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
@@ -18,13 +19,14 @@ use uuid::Uuid;
 
 use crate::app::{self, DaemonSettings, SourceSpec};
 use crate::cli::{
-    BucketArg, Cli, Command, DemoArgs, Format, IngestArgs, KeysCommand, KeysCreateArgs,
+    AlertsArgs, BucketArg, Cli, Command, DemoArgs, Format, IngestArgs, KeysCommand, KeysCreateArgs,
     OrgsCommand, ReportCommand, SimulateArgs, TierArg, UsageArgs,
 };
+use crate::detect::{Detectors, Settings as DetectorSettings};
 use crate::geo::GeoDb;
 use crate::keys::{KeyCache, NewKey};
 use crate::metrics::Metrics;
-use crate::pipeline::{IngestStats, PipelineOptions};
+use crate::pipeline::{Detection, IngestStats, PipelineOptions};
 use crate::report::{self, GroupBy, KeyFilter, UsageQuery, UsageRow};
 use crate::source::file::FileOptions;
 use crate::store::{NewKeyRow, NewOrg, Store};
@@ -44,9 +46,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // The default file may be absent (a daemon started elsewhere); a named one must exist.
             let required = args.alerts != Path::new("alerts.toml");
             crate::config::AlertsConfig::load(&args.alerts, required)?;
-            open_geo(g.geoip.as_deref())?;
+            let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let store = Store::open(&g.database_url).await?;
             let settings = DaemonSettings {
+                geo,
                 sources,
                 listen: args.listen,
                 start_at_end: args.start_at_end,
@@ -56,9 +59,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             app::run_daemon(store, settings, CancellationToken::new()).await
         }
         Command::Ingest(args) => {
-            open_geo(g.geoip.as_deref())?;
+            let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let store = Store::open(&g.database_url).await?;
-            ingest(&store, &args).await
+            ingest(&store, &args, geo).await
         }
         Command::Migrate => {
             let store = Store::open(&g.database_url).await?;
@@ -120,6 +123,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 format,
             )
         }
+        Command::Report(ReportCommand::Alerts(args)) => {
+            let store = Store::open(&g.database_url).await?;
+            report_alerts(&store, &args).await
+        }
         Command::Demo(args) => demo(&args).await,
         Command::Simulate(args) => simulate(&g.database_url, &args).await,
     }
@@ -135,7 +142,7 @@ fn open_geo(path: Option<&Path>) -> anyhow::Result<Option<GeoDb>> {
     Ok(geo)
 }
 
-async fn ingest(store: &Store, args: &IngestArgs) -> anyhow::Result<()> {
+async fn ingest(store: &Store, args: &IngestArgs, geo: Option<Arc<GeoDb>>) -> anyhow::Result<()> {
     let mut specs = Vec::new();
     let mut total_bytes = 0u64;
     for f in &args.files {
@@ -151,7 +158,7 @@ async fn ingest(store: &Store, args: &IngestArgs) -> anyhow::Result<()> {
         specs.push(SourceSpec::File(f.clone()));
     }
     let show_progress = !args.no_progress && std::io::stderr().is_terminal();
-    let stats = ingest_sources(store, &specs, total_bytes, show_progress).await?;
+    let stats = ingest_sources(store, &specs, total_bytes, show_progress, geo).await?;
     print_ingest_summary(&stats.0, stats.1, args.format)?;
     Ok(())
 }
@@ -162,6 +169,7 @@ async fn ingest_sources(
     specs: &[SourceSpec],
     total_bytes: u64,
     show_progress: bool,
+    geo: Option<Arc<GeoDb>>,
 ) -> anyhow::Result<(IngestStats, std::time::Duration)> {
     let metrics = Metrics::new();
     let keys = app::load_keys(store, &metrics).await?;
@@ -195,6 +203,10 @@ async fn ingest_sources(
         PipelineOptions::default(),
         CancellationToken::new(),
         progress,
+        Some(Detection {
+            detectors: Detectors::new(&DetectorSettings::default()),
+            geo,
+        }),
     )
     .await?;
     if let Some(b) = bar {
@@ -232,6 +244,7 @@ fn print_ingest_summary(
                 "last_event": stats.last_event,
                 "keys": stats.keys.len(),
                 "organizations": stats.orgs.len(),
+                "alerts": stats.alerts.len(),
                 "bytes": stats.bytes,
                 "seconds": secs,
                 "lines_per_second": (stats.accepted + stats.rejected_total()) as f64 / secs,
@@ -289,6 +302,11 @@ fn print_ingest_summary(
         stats.keys.len(),
         stats.orgs.len(),
         group_digits(stats.unknown_key_lines)
+    )?;
+    writeln!(
+        e,
+        "  alerts     {} raised or updated (keywatch report alerts)",
+        stats.alerts.len()
     )?;
     Ok(())
 }
@@ -705,6 +723,88 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
     print_rows(&header, &table, format)
 }
 
+async fn report_alerts(store: &Store, args: &AlertsArgs) -> anyhow::Result<()> {
+    let cache = KeyCache::new(store.load_keys().await?, Utc::now());
+    let now = Utc::now();
+    let mut from = report::beginning();
+    let mut until = report::end_of_time();
+    if let Some(since) = args.since {
+        from = now - chrono::Duration::from_std(since).context("--since is too long")?;
+    }
+    if let Some(f) = &args.from {
+        from = parse_time("--from", f)?;
+    }
+    if let Some(u) = &args.until {
+        until = parse_time("--until", u)?;
+    }
+    let org = args
+        .org
+        .as_deref()
+        .map(|o| find_org(&cache, o))
+        .transpose()?;
+    let key = args
+        .key
+        .as_deref()
+        .map(|k| find_key(&cache, k))
+        .transpose()?;
+    if let Some(t) = &args.r#type
+        && crate::detect::AlertType::parse(t).is_none()
+    {
+        let names: Vec<&str> = crate::detect::AlertType::ALL
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
+        bail!(
+            "--type {t:?} is not an alert type; use one of {}",
+            names.join(", ")
+        );
+    }
+    let alerts: Vec<_> = store
+        .alerts(from, until)
+        .await?
+        .into_iter()
+        .filter(|a| args.r#type.as_ref().is_none_or(|t| &a.alert_type == t))
+        .filter(|a| org.is_none_or(|o| a.org_id.as_deref() == Some(o.to_string().as_str())))
+        .filter(|a| match key {
+            None => true,
+            Some(KeyFilter::Id(k)) => a.key_id.as_deref() == Some(k.to_string().as_str()),
+            Some(KeyFilter::Unknown) => a.key_id.is_none(),
+        })
+        .collect();
+    print_alerts(&alerts, args.format)
+}
+
+fn print_alerts(alerts: &[crate::store::StoredAlert], format: Format) -> anyhow::Result<()> {
+    if format == Format::Json {
+        println!("{}", json!({"success": true, "data": alerts}));
+        return Ok(());
+    }
+    let header = [
+        "started_at",
+        "type",
+        "severity",
+        "status",
+        "key_prefix",
+        "source_ip",
+        "summary",
+    ];
+    let rows: Vec<Vec<String>> = alerts
+        .iter()
+        .map(|a| {
+            vec![
+                short_time(a.started_at),
+                a.alert_type.clone(),
+                a.severity.clone(),
+                a.status.clone(),
+                a.key_prefix.clone().unwrap_or_default(),
+                a.source_ip.clone().unwrap_or_default(),
+                a.summary.clone(),
+            ]
+        })
+        .collect();
+    print_rows(&header, &rows, format)
+}
+
 /// `1234567` as `1,234,567`.
 pub fn group_digits(n: u64) -> String {
     let s = n.to_string();
@@ -891,6 +991,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         &[SourceSpec::File(sim_args.out.clone())],
         size,
         std::io::stderr().is_terminal(),
+        open_geo(None)?.map(Arc::new),
     )
     .await?;
     print_ingest_summary(&ingested, took, Format::Table)?;
@@ -918,6 +1019,11 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         GroupBy::Mcp,
         Format::Table,
     )?;
+    let alerts = store
+        .alerts(report::beginning(), report::end_of_time())
+        .await?;
+    println!("\nAlerts raised by the detectors ({}):", alerts.len());
+    print_alerts(&alerts, Format::Table)?;
     println!(
         "\nAsk more with: keywatch --database-url {url} report usage --group-by org --since 24h"
     );

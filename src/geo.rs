@@ -37,18 +37,65 @@ pub enum GeoError {
 /// Country of an address, as two ASCII letters.
 pub type Country = [u8; 2];
 
+/// Where an address is, as far as the databases say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Location {
+    pub country: Option<Country>,
+    pub city: Option<String>,
+    /// Latitude and longitude in degrees.
+    pub lat_lon: Option<(f64, f64)>,
+    /// How far from `lat_lon` the address may really be, in km.
+    pub accuracy_km: Option<f64>,
+}
+
+/// A record in either layout: GeoIP2 nests (`country.iso_code`, `city.names.en`,
+/// `location.latitude`), ip-location-db is flat (`country_code`, `latitude`). Unknown fields
+/// are skipped. ip-location-db's own `city` field is a plain string, which this layout does
+/// not read (a City database of that family gives countries and coordinates).
 #[derive(Deserialize)]
-struct CountryRecord<'a> {
+struct LocationRecord<'a> {
     #[serde(borrow, default)]
     country: Option<GeoIp2Country<'a>>,
     #[serde(borrow, default)]
+    city: Option<GeoIp2City<'a>>,
+    #[serde(default)]
+    location: Option<GeoIp2Location>,
+    #[serde(borrow, default)]
     country_code: Option<&'a str>,
+    #[serde(borrow, default)]
+    city_name: Option<&'a str>,
+    #[serde(default)]
+    latitude: Option<f64>,
+    #[serde(default)]
+    longitude: Option<f64>,
 }
 
 #[derive(Deserialize)]
 struct GeoIp2Country<'a> {
     #[serde(borrow, default)]
     iso_code: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct GeoIp2City<'a> {
+    #[serde(borrow, default)]
+    names: std::collections::BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Deserialize)]
+struct GeoIp2Location {
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+    accuracy_radius: Option<u16>,
+}
+
+fn country_code(code: &str) -> Option<Country> {
+    match code.as_bytes() {
+        [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
+            Some([a.to_ascii_uppercase(), b.to_ascii_uppercase()])
+        }
+        _ => None,
+    }
 }
 
 /// One opened database file.
@@ -135,19 +182,51 @@ impl GeoDb {
         &self.files
     }
 
-    /// The country of `ip` from the first database that knows it. Private, loopback and
-    /// unknown addresses give `None`.
-    pub fn country(&self, ip: IpAddr) -> Option<Country> {
-        self.files.iter().find_map(|f| {
-            let rec: CountryRecord<'_> = f.reader.lookup(ip).ok()?.decode().ok()??;
-            let code = rec.country.and_then(|c| c.iso_code).or(rec.country_code)?;
-            match code.as_bytes() {
-                [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
-                    Some([a.to_ascii_uppercase(), b.to_ascii_uppercase()])
-                }
-                _ => None,
+    /// Where `ip` is: each field from the first database that has it (a City database for
+    /// coordinates, the shipped country database for the rest). Private, loopback and
+    /// unknown addresses give an empty location.
+    pub fn locate(&self, ip: IpAddr) -> Location {
+        let mut loc = Location::default();
+        for f in &self.files {
+            // A record this reader cannot decode is treated as absent, not as an error: one
+            // odd network must not stop counting.
+            let Ok(Some(rec)) = f
+                .reader
+                .lookup(ip)
+                .and_then(|r| r.decode::<LocationRecord<'_>>())
+            else {
+                continue;
+            };
+            if loc.country.is_none() {
+                loc.country = rec
+                    .country
+                    .and_then(|c| c.iso_code)
+                    .or(rec.country_code)
+                    .and_then(country_code);
             }
-        })
+            if loc.city.is_none() {
+                loc.city = rec
+                    .city
+                    .and_then(|c| c.names.get("en").map(|n| (*n).to_owned()))
+                    .or(rec.city_name.map(str::to_owned));
+            }
+            if loc.lat_lon.is_none() {
+                let (lat, lon, acc) = match &rec.location {
+                    Some(l) => (l.latitude, l.longitude, l.accuracy_radius.map(f64::from)),
+                    None => (rec.latitude, rec.longitude, None),
+                };
+                if let (Some(lat), Some(lon)) = (lat, lon) {
+                    loc.lat_lon = Some((lat, lon));
+                    loc.accuracy_km = acc;
+                }
+            }
+        }
+        loc
+    }
+
+    /// The country of `ip`, as [`GeoDb::locate`] finds it.
+    pub fn country(&self, ip: IpAddr) -> Option<Country> {
+        self.locate(ip).country
     }
 }
 
@@ -163,6 +242,14 @@ mod tests {
         assert_eq!(city.country("81.2.69.160".parse().unwrap()), Some(*b"GB"));
         assert_eq!(city.country("89.160.20.112".parse().unwrap()), Some(*b"SE"));
         assert_eq!(city.country("127.0.0.1".parse().unwrap()), None);
+        let london = city.locate("81.2.69.160".parse().unwrap());
+        assert_eq!(london.city.as_deref(), Some("London"));
+        let (lat, lon) = london.lat_lon.unwrap();
+        assert!(
+            (lat - 51.5).abs() < 0.2 && (lon + 0.1).abs() < 0.2,
+            "{lat} {lon}"
+        );
+        assert!(london.accuracy_km.is_some());
         let dbip = GeoDb::open(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/geoip"))).unwrap();
         assert_eq!(dbip.country("81.2.69.160".parse().unwrap()), Some(*b"GB"));
         assert_eq!(dbip.country("10.0.0.1".parse().unwrap()), None);

@@ -15,7 +15,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::detect::{Context, Detector, Detectors, Observation};
 use crate::event::{self, RejectReason};
+use crate::geo::{GeoDb, Location};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
 use crate::source::{Checkpoint, Chunk};
@@ -99,6 +101,12 @@ impl SharedKeys {
     }
 }
 
+/// Detection: the detectors, and the GeoIP databases that say where a request came from.
+pub struct Detection {
+    pub detectors: Detectors,
+    pub geo: Option<Arc<GeoDb>>,
+}
+
 /// When to commit, and what counts as on time.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -139,6 +147,8 @@ pub struct IngestStats {
     pub keys: HashSet<Uuid>,
     pub orgs: HashSet<Uuid>,
     pub commits: u64,
+    /// Fingerprints of the alerts the lines opened or updated.
+    pub alerts: HashSet<String>,
 }
 
 impl IngestStats {
@@ -160,6 +170,8 @@ pub struct Pipeline {
     watermark: Option<DateTime<Utc>>,
     stats: IngestStats,
     last_flush: Instant,
+    /// The detectors and the GeoIP databases that enrich their input, when detection is on.
+    detection: Option<Detection>,
     /// Called after each chunk with the bytes and lines processed so far (a progress bar).
     on_progress: Option<Progress>,
 }
@@ -184,7 +196,14 @@ impl Pipeline {
             stats: IngestStats::default(),
             last_flush: Instant::now(),
             on_progress: None,
+            detection: None,
         }
+    }
+
+    /// Runs every accepted, on-time line through the detectors too.
+    pub fn with_detection(mut self, detection: Detection) -> Pipeline {
+        self.detection = Some(detection);
+        self
     }
 
     /// Reports the bytes of each chunk as it is processed.
@@ -245,8 +264,12 @@ impl Pipeline {
                 }
             }
             let at = rec.created_at;
+            let mut late = false;
             match self.watermark {
-                Some(w) if at < w - self.opts.lateness => self.stats.late += 1,
+                Some(w) if at < w - self.opts.lateness => {
+                    self.stats.late += 1;
+                    late = true;
+                }
                 Some(w) if at <= w => {}
                 _ => self.watermark = Some(at),
             }
@@ -269,6 +292,46 @@ impl Pipeline {
                 rec.request_size_bytes,
                 rec.response_size_bytes,
             );
+            // Detectors run on event time within the lateness bound; later lines are counted
+            // above but would rewrite windows the detectors have already closed.
+            if let Some(d) = self.detection.as_mut().filter(|_| !late) {
+                let loc = match (rec.source_ip, &d.geo) {
+                    (Some(ip), Some(g)) => g.locate(ip),
+                    _ => Location::default(),
+                };
+                let obs = Observation {
+                    at,
+                    key_id: resolved.key_id,
+                    org_id: resolved.org_id,
+                    key_prefix: rec.key_prefix.map(|p| p.into_owned()),
+                    status: rec.http_status_code,
+                    source_ip: rec.source_ip,
+                    country: loc.country,
+                    city: loc.city,
+                    lat_lon: loc.lat_lon,
+                    accuracy_km: loc.accuracy_km,
+                    asn: None,
+                    user_agent: rec.user_agent.map(|u| u.into_owned()),
+                    origin: rec.origin.map(|o| o.into_owned()),
+                    mcp: Some(mcp.to_string()).filter(|m| !m.is_empty()),
+                    error_code: rec.error_code.map(|e| e.into_owned()),
+                    rate_limit_hit: rec.rate_limit_hit,
+                };
+                let ctx = Context {
+                    key: resolved.key_id.and_then(|k| cache.key(&k)).map(|k| &**k),
+                    org: resolved.org_id.and_then(|o| cache.org(&o)).map(|o| &**o),
+                };
+                for f in d.detectors.observe(&obs, &ctx) {
+                    self.stats.alerts.insert(f.fingerprint());
+                    self.batch.findings.push(f);
+                }
+            }
+        }
+        if let (Some(d), Some(w)) = (self.detection.as_mut(), self.watermark) {
+            for f in d.detectors.tick(w) {
+                self.stats.alerts.insert(f.fingerprint());
+                self.batch.findings.push(f);
+            }
         }
         self.stats.accepted += accepted;
         self.stats.bytes += chunk.data.len() as u64;

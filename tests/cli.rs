@@ -200,6 +200,10 @@ fn demo_shows_real_numbers_from_the_pipeline() {
         stdout.contains('%'),
         "month-to-date against the limit: {stdout}"
     );
+    assert!(
+        stdout.contains("Alerts raised by the detectors"),
+        "the demo shows its alerts: {stdout}"
+    );
     // The numbers in the demo are the database's: ask it directly.
     let db_url = format!("sqlite://{}", dir.path().join("demo/keywatch.db").display());
     let report = keywatch()

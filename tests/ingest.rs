@@ -206,3 +206,68 @@ fn full_keys_in_refused_lines_are_redacted() {
         "the full key is nowhere in the database file"
     );
 }
+
+/// Key probing from one address: many refused prefixes in a few minutes is one alert, stored
+/// with the address, and `report alerts` lists it.
+fn probing_raises_one_alert(db: TestDb) {
+    let log = db.path("probe.log");
+    let mut lines = String::new();
+    for i in 0..60u32 {
+        lines.push_str(&format!(
+            r#"{{"request_id":"{}","created_at":"2026-11-20T10:0{}:{:02}Z","api_key_id":null,"organization_id":null,"key_prefix":"pmcp_01{:05x}","http_status_code":401,"error_code":"unauthorized","source_ip":"89.160.20.112","user_agent":"python-requests/2.31"}}"#,
+            uuid::Uuid::new_v4(),
+            i / 20,
+            (i % 20) * 3,
+            i * 7919
+        ));
+        lines.push('\n');
+    }
+    std::fs::write(&log, lines).unwrap();
+    kw_ok(&db, &["ingest", log.to_str().unwrap()]);
+    let out = kw_ok(
+        &db,
+        &[
+            "report",
+            "alerts",
+            "--type",
+            "auth_failure_burst",
+            "--format",
+            "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let alerts = v["data"].as_array().unwrap();
+    let by_ip: Vec<_> = alerts
+        .iter()
+        .filter(|a| a["source_ip"] == "89.160.20.112")
+        .collect();
+    assert_eq!(by_ip.len(), 1, "one alert for the probing address: {out}");
+    let a = by_ip[0];
+    assert_eq!(a["type"], "auth_failure_burst");
+    assert!(
+        a["started_at"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-11-20T10:0"),
+        "{a}"
+    );
+    assert!(!a["summary"].as_str().unwrap().is_empty());
+    let bad = kw(&db, &["report", "alerts", "--type", "rate_spik"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("rate_spike"),
+        "lists the valid types"
+    );
+}
+
+#[test]
+fn probing_on_sqlite() {
+    probing_raises_one_alert(TestDb::new(Backend::Sqlite).unwrap());
+}
+
+#[test]
+fn probing_on_postgres() {
+    if let Some(db) = TestDb::new(Backend::Postgres) {
+        probing_raises_one_alert(db);
+    }
+}

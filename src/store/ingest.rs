@@ -33,11 +33,16 @@ pub struct Batch {
     /// The newest checkpoint of each file source covered by the batch.
     pub checkpoints: Vec<(String, Checkpoint)>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Alerts opened, updated or resolved by the lines of the batch.
+    pub findings: Vec<crate::detect::Finding>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.rollup.is_empty() && self.checkpoints.is_empty() && self.dead_letters.is_empty()
+        self.rollup.is_empty()
+            && self.checkpoints.is_empty()
+            && self.dead_letters.is_empty()
+            && self.findings.is_empty()
     }
 }
 
@@ -153,6 +158,7 @@ impl Store {
                 .await
                 .context("keeping a refused line")?;
             }
+            super::alerts::upsert_findings!(&mut tx, &batch.findings)?;
             tx.commit().await.context("committing a batch")
         })
     }

@@ -7,10 +7,12 @@
 //! pool by [`with_pool!`]. Nothing outside this module sees a pool or writes SQL; nothing in
 //! here decides what to count or when.
 
+pub(crate) mod alerts;
 mod ingest;
-mod keys;
+pub(crate) mod keys;
 mod report;
 
+pub use alerts::StoredAlert;
 pub use ingest::{Batch, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
 pub use report::{SegmentQuery, UsageAggregate};
