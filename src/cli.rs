@@ -240,15 +240,8 @@ pub struct UsageArgs {
     /// MCP server name.
     #[arg(long)]
     pub mcp: Option<String>,
-    /// Only the last DURATION (for example 24h, 7d), up to now.
-    #[arg(long, value_parser = parse_duration, conflicts_with_all = ["from", "until"], value_name = "DURATION")]
-    pub since: Option<std::time::Duration>,
-    /// Start of the range (RFC 3339), inclusive.
-    #[arg(long, value_name = "TIME")]
-    pub from: Option<String>,
-    /// End of the range (RFC 3339), exclusive.
-    #[arg(long, value_name = "TIME")]
-    pub until: Option<String>,
+    #[command(flatten)]
+    pub range: TimeRange,
     /// What one row is.
     #[arg(long, value_enum, default_value_t = GroupBy::Key)]
     pub group_by: GroupBy,
@@ -259,17 +252,25 @@ pub struct UsageArgs {
     pub format: Format,
 }
 
+/// A time range: the last DURATION, or from and until; all of time without either.
 #[derive(Debug, Args)]
-pub struct AlertsArgs {
-    /// Only alerts that started in the last DURATION (for example 7d).
+pub struct TimeRange {
+    /// Only the last DURATION (for example 24h, 7d), up to now.
     #[arg(long, value_parser = parse_duration, conflicts_with_all = ["from", "until"], value_name = "DURATION")]
     pub since: Option<std::time::Duration>,
-    /// Started at or after this time (RFC 3339).
+    /// Start of the range (RFC 3339), inclusive.
     #[arg(long, value_name = "TIME")]
     pub from: Option<String>,
-    /// Started before this time (RFC 3339).
+    /// End of the range (RFC 3339), exclusive.
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// The range applies to when each alert's episode started.
+    #[command(flatten)]
+    pub range: TimeRange,
     /// Alert type, for example new_country or error_spike.
     #[arg(long = "type", value_name = "TYPE")]
     pub r#type: Option<String>,

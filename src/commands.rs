@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::app::{self, DaemonSettings, SourceSpec};
 use crate::cli::{
     AlertsArgs, BucketArg, Cli, Command, DemoArgs, Format, IngestArgs, KeysCommand, KeysCreateArgs,
-    OrgsCommand, ReportCommand, SimulateArgs, TierArg, UsageArgs,
+    OrgsCommand, ReportCommand, SimulateArgs, TierArg, TimeRange, UsageArgs,
 };
 use crate::detect::{Detectors, Settings as DetectorSettings};
 use crate::geo::GeoDb;
@@ -598,21 +598,45 @@ fn usage_query(
         .map(|k| find_key(cache, k))
         .transpose()?;
     q.mcp = args.mcp.clone();
-    if let Some(since) = args.since {
-        q.from = now - chrono::Duration::from_std(since).context("--since is too long")?;
-        q.until = now + chrono::Duration::minutes(1);
-    }
-    if let Some(f) = &args.from {
-        q.from = parse_time("--from", f)?;
-    }
-    if let Some(u) = &args.until {
-        q.until = parse_time("--until", u)?;
-        q.month_at = q.until;
-    }
-    if q.from >= q.until {
-        bail!("--from must be before --until");
+    let range = resolve_range(&args.range, now)?;
+    (q.from, q.until) = (range.from, range.until);
+    if let Some(u) = range.explicit_until {
+        q.month_at = u;
     }
     Ok(q)
+}
+
+/// A resolved time range: half-open `[from, until)`, and the `--until` given, if any.
+#[derive(Debug)]
+struct Range {
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+    explicit_until: Option<DateTime<Utc>>,
+}
+
+/// The range the flags name; all of time without any.
+fn resolve_range(r: &TimeRange, now: DateTime<Utc>) -> anyhow::Result<Range> {
+    let mut from = report::beginning();
+    if let Some(since) = r.since {
+        from = now - chrono::Duration::from_std(since).context("--since is too long")?;
+    }
+    if let Some(f) = &r.from {
+        from = parse_time("--from", f)?;
+    }
+    let until = r
+        .until
+        .as_deref()
+        .map(|u| parse_time("--until", u))
+        .transpose()?;
+    let end = until.unwrap_or_else(report::end_of_time);
+    if from >= end {
+        bail!("--from must be before --until");
+    }
+    Ok(Range {
+        from,
+        until: end,
+        explicit_until: until,
+    })
 }
 
 async fn report_usage(store: &Store, args: &UsageArgs) -> anyhow::Result<()> {
@@ -725,18 +749,7 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
 
 async fn report_alerts(store: &Store, args: &AlertsArgs) -> anyhow::Result<()> {
     let cache = KeyCache::new(store.load_keys().await?, Utc::now());
-    let now = Utc::now();
-    let mut from = report::beginning();
-    let mut until = report::end_of_time();
-    if let Some(since) = args.since {
-        from = now - chrono::Duration::from_std(since).context("--since is too long")?;
-    }
-    if let Some(f) = &args.from {
-        from = parse_time("--from", f)?;
-    }
-    if let Some(u) = &args.until {
-        until = parse_time("--until", u)?;
-    }
+    let Range { from, until, .. } = resolve_range(&args.range, Utc::now())?;
     let org = args
         .org
         .as_deref()
@@ -1076,6 +1089,50 @@ mod tests {
         assert_eq!(group_digits(1_234_567), "1,234,567");
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn time_ranges() {
+        let now: DateTime<Utc> = "2026-11-20T12:00:00Z".parse().unwrap();
+        let r = |since: Option<u64>, from: Option<&str>, until: Option<&str>| {
+            resolve_range(
+                &TimeRange {
+                    since: since.map(std::time::Duration::from_secs),
+                    from: from.map(str::to_owned),
+                    until: until.map(str::to_owned),
+                },
+                now,
+            )
+        };
+        let all = r(None, None, None).unwrap();
+        assert_eq!(
+            (all.from, all.until),
+            (report::beginning(), report::end_of_time())
+        );
+        let day = r(Some(86_400), None, None).unwrap();
+        assert_eq!(
+            day.from,
+            "2026-11-19T12:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        assert_eq!(day.explicit_until, None);
+        let explicit = r(
+            None,
+            Some("2026-11-01T00:00:00Z"),
+            Some("2026-11-02T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(explicit.explicit_until, Some(explicit.until));
+        let backwards = r(
+            None,
+            Some("2026-11-02T00:00:00Z"),
+            Some("2026-11-01T00:00:00Z"),
+        );
+        assert_eq!(
+            backwards.unwrap_err().to_string(),
+            "--from must be before --until"
+        );
+        let bad = r(None, Some("yesterday"), None);
+        assert!(bad.unwrap_err().to_string().contains("RFC 3339"));
     }
 
     #[test]
