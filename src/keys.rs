@@ -393,6 +393,27 @@ impl KeyCache {
 }
 
 #[cfg(test)]
+impl KeyInfo {
+    /// An active key with the auth server's defaults, for tests.
+    pub(crate) fn for_test(id: Uuid, org_id: Uuid, prefix: &str, rate_limit_rpm: u32) -> KeyInfo {
+        KeyInfo {
+            id,
+            org_id,
+            name: "k".into(),
+            prefix: prefix.into(),
+            rate_limit_rpm,
+            expires_at: None,
+            created_at: None,
+            status: "active".into(),
+            revoked_at: None,
+            mcp_access_mode: "all".into(),
+            allowed_mcp_ids: vec![],
+            scopes: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -458,20 +479,7 @@ mod tests {
     }
 
     fn key(prefix: &str, org: Uuid) -> KeyInfo {
-        KeyInfo {
-            id: Uuid::new_v4(),
-            org_id: org,
-            name: "k".into(),
-            prefix: prefix.into(),
-            rate_limit_rpm: 60,
-            expires_at: None,
-            created_at: None,
-            status: "active".into(),
-            revoked_at: None,
-            mcp_access_mode: "all".into(),
-            allowed_mcp_ids: vec![],
-            scopes: vec![],
-        }
+        KeyInfo::for_test(Uuid::new_v4(), org, prefix, 60)
     }
 
     #[test]

@@ -615,20 +615,7 @@ pub(crate) mod testutil {
     }
 
     pub fn key_info(id: Uuid, rpm: u32) -> KeyInfo {
-        KeyInfo {
-            id,
-            org_id: Uuid::from_u128(0x0a),
-            name: "k".into(),
-            prefix: "pmcp_019a41c2e7f0...".into(),
-            rate_limit_rpm: rpm,
-            expires_at: None,
-            created_at: None,
-            status: "active".into(),
-            revoked_at: None,
-            mcp_access_mode: "all".into(),
-            allowed_mcp_ids: vec![],
-            scopes: vec![],
-        }
+        KeyInfo::for_test(id, Uuid::from_u128(0x0a), "pmcp_019a41c2e7f0...", rpm)
     }
 
     /// A tiny deterministic PRNG (SplitMix64): tests need noise, not a dependency.
