@@ -9,13 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
-use crate::keys::KeyCache;
 use crate::metrics::Metrics;
 use crate::pipeline::{Detection, IngestStats, Pipeline, PipelineOptions, Progress, SharedKeys};
 use crate::source::file::{FileOptions, run_file};
@@ -51,8 +49,7 @@ impl SourceSpec {
 
 /// Loads the key cache and reports its size.
 pub async fn load_keys(store: &Store, metrics: &Metrics) -> Result<Arc<SharedKeys>, StoreError> {
-    let snapshot = store.load_keys().await?;
-    let cache = KeyCache::new(snapshot, Utc::now());
+    let cache = store.key_cache().await?;
     metrics.key_cache_loaded(&cache);
     Ok(SharedKeys::new(cache))
 }

@@ -383,7 +383,7 @@ fn find_key(cache: &KeyCache, s: &str) -> anyhow::Result<KeyFilter> {
 }
 
 async fn create_key(store: &Store, args: &KeysCreateArgs) -> anyhow::Result<()> {
-    let cache = KeyCache::new(store.load_keys().await?, Utc::now());
+    let cache = store.key_cache().await?;
     let org_id = find_org(&cache, &args.org)?;
     if cache.org(&org_id).is_none() {
         bail!("no organization has the id {org_id}; see `keywatch orgs list`");
@@ -440,7 +440,7 @@ async fn create_key(store: &Store, args: &KeysCreateArgs) -> anyhow::Result<()> 
 }
 
 async fn list_keys(store: &Store, format: Format) -> anyhow::Result<()> {
-    let cache = KeyCache::new(store.load_keys().await?, Utc::now());
+    let cache = store.key_cache().await?;
     let mut keys: Vec<_> = cache.keys().collect();
     keys.sort_by(|a, b| (a.org_id, &a.name).cmp(&(b.org_id, &b.name)));
     let header = ["id", "prefix", "name", "org", "rpm", "expires_at", "status"];
@@ -464,7 +464,7 @@ async fn list_keys(store: &Store, format: Format) -> anyhow::Result<()> {
 }
 
 async fn list_orgs(store: &Store, format: Format) -> anyhow::Result<()> {
-    let cache = KeyCache::new(store.load_keys().await?, Utc::now());
+    let cache = store.key_cache().await?;
     let mut orgs: Vec<_> = cache.orgs().collect();
     orgs.sort_by(|a, b| a.slug.cmp(&b.slug));
     let header = [
@@ -640,7 +640,7 @@ fn resolve_range(r: &TimeRange, now: DateTime<Utc>) -> anyhow::Result<Range> {
 }
 
 async fn report_usage(store: &Store, args: &UsageArgs) -> anyhow::Result<()> {
-    let cache = KeyCache::new(store.load_keys().await?, Utc::now());
+    let cache = store.key_cache().await?;
     let q = usage_query(args, &cache, Utc::now())?;
     let rows = report::usage(store, &cache, &q).await?;
     print_usage(&rows, q.group_by, args.format)
@@ -748,7 +748,7 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
 }
 
 async fn report_alerts(store: &Store, args: &AlertsArgs) -> anyhow::Result<()> {
-    let cache = KeyCache::new(store.load_keys().await?, Utc::now());
+    let cache = store.key_cache().await?;
     let Range { from, until, .. } = resolve_range(&args.range, Utc::now())?;
     let org = args
         .org
@@ -1008,7 +1008,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     )
     .await?;
     print_ingest_summary(&ingested, took, Format::Table)?;
-    let cache = KeyCache::new(store.load_keys().await?, Utc::now());
+    let cache = store.key_cache().await?;
     let now = Utc::now();
     let mut q = UsageQuery::all_time(now);
     q.group_by = GroupBy::Org;

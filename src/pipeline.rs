@@ -62,8 +62,7 @@ impl SharedKeys {
 
     /// Reloads the cache from the store.
     pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
-        let snapshot = store.load_keys().await?;
-        self.replace(KeyCache::new(snapshot, Utc::now()));
+        self.replace(store.key_cache().await?);
         Ok(())
     }
 

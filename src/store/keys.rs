@@ -13,7 +13,7 @@ use sqlx::{Database, Encode, Postgres, Sqlite, Type};
 use uuid::Uuid;
 
 use super::{QueryContext, Store, StoreError, with_pool};
-use crate::keys::{KeyInfo, KeySnapshot, OrgInfo};
+use crate::keys::{KeyCache, KeyInfo, KeySnapshot, OrgInfo};
 
 /// A uuid parameter: `uuid` in PostgreSQL, hyphenated TEXT in SQLite.
 pub(crate) struct DbUuid(pub Uuid);
@@ -238,6 +238,11 @@ impl Store {
             });
         }
         Ok(snapshot)
+    }
+
+    /// Loads every organization and key into a fresh key cache, stamped with the wall clock.
+    pub async fn key_cache(&self) -> Result<KeyCache, StoreError> {
+        Ok(KeyCache::new(self.load_keys().await?, Utc::now()))
     }
 
     /// Inserts an organization with the auth server's own column list.
