@@ -71,14 +71,27 @@ pub async fn run_sources(
 ) -> Result<(IngestStats, Option<SourceError>), StoreError> {
     let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
     let checkpoints = Arc::new(store.clone());
+    // A dry run replays every file from its beginning, whatever was ingested before.
+    let no_checkpoints = Arc::new(crate::source::NoCheckpoints);
+    let dry_run = opts.dry_run;
     let mut tasks = tokio::task::JoinSet::new();
     for spec in specs {
         let tx = tx.clone();
         let token = shutdown.clone();
         match spec.clone() {
             SourceSpec::File(path) => {
-                let (opts, cps) = (file_opts.clone(), Arc::clone(&checkpoints));
-                tasks.spawn(async move { run_file(path, opts, cps, tx, token).await.map(|_| ()) });
+                let opts = file_opts.clone();
+                if dry_run {
+                    let cps = Arc::clone(&no_checkpoints);
+                    tasks.spawn(
+                        async move { run_file(path, opts, cps, tx, token).await.map(|_| ()) },
+                    );
+                } else {
+                    let cps = Arc::clone(&checkpoints);
+                    tasks.spawn(
+                        async move { run_file(path, opts, cps, tx, token).await.map(|_| ()) },
+                    );
+                }
             }
             SourceSpec::Stdin => {
                 let chunk = file_opts.chunk_bytes;
@@ -128,6 +141,8 @@ pub struct DaemonSettings {
     pub key_refresh: Duration,
     pub lateness: Duration,
     pub geo: Option<Arc<crate::geo::GeoDb>>,
+    /// The detector settings (from `alerts.toml`).
+    pub detectors: crate::detect::Settings,
 }
 
 /// The daemon: sources followed forever, keys refreshed, HTTP served, until `shutdown`.
@@ -177,10 +192,7 @@ pub async fn run_daemon(
         opts,
         shutdown.clone(),
         None,
-        Some(Detection {
-            detectors: crate::detect::Detectors::new(&crate::detect::Settings::default()),
-            geo: settings.geo.clone(),
-        }),
+        Some(build_detection(&store, &settings.detectors, settings.geo.clone()).await?),
     )
     .await?;
     tracing::info!(
@@ -235,6 +247,22 @@ fn spawn_signal_handlers(keys: Arc<SharedKeys>, shutdown: CancellationToken) {
         tracing::info!("Stopping: committing what was read.");
         shutdown.cancel();
     });
+}
+
+/// The detectors for `settings`, taught the places people marked benign (so that "this is
+/// fine" outlives a restart).
+pub async fn build_detection(
+    store: &Store,
+    settings: &crate::detect::Settings,
+    geo: Option<Arc<crate::geo::GeoDb>>,
+) -> Result<Detection, StoreError> {
+    let mut detectors = crate::detect::Detectors::new(settings);
+    if let Some(loc) = detectors.location.as_mut() {
+        for p in store.benign_places().await? {
+            loc.learn_country(p.key_id, p.since, p.country);
+        }
+    }
+    Ok(Detection { detectors, geo })
 }
 
 #[cfg(test)]

@@ -74,6 +74,16 @@ pub enum Command {
     Demo(DemoArgs),
     /// Generate a realistic request log (and create its organizations and keys).
     Simulate(SimulateArgs),
+    /// Check an alerting configuration file without starting: prints nothing and exits 0
+    /// when it is valid, else names the line, column and setting that is wrong.
+    CheckConfig {
+        /// The file to check.
+        #[arg(default_value = "alerts.toml", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Act on an alert.
+    #[command(subcommand)]
+    Alert(AlertCommand),
 }
 
 #[derive(Debug, Args)]
@@ -98,14 +108,8 @@ pub struct RunArgs {
     )]
     pub listen: SocketAddr,
 
-    /// Alerting configuration.
-    #[arg(
-        long,
-        env = "KEYWATCH_ALERTS",
-        default_value = "alerts.toml",
-        value_name = "FILE"
-    )]
-    pub alerts: PathBuf,
+    #[command(flatten)]
+    pub alerts: AlertsFile,
 
     /// Start files seen for the first time at their end instead of their beginning.
     #[arg(long, env = "KEYWATCH_START_AT_END")]
@@ -143,9 +147,46 @@ pub struct IngestArgs {
     #[arg(long)]
     pub no_progress: bool,
 
-    /// Summary format.
+    /// Replay the files through the detectors and print the alerts they would raise, in
+    /// --format; nothing is stored (no counts, no checkpoints, no alerts) and nothing is sent.
+    /// Checkpoints are ignored, so every file is read from its beginning: the way to tune
+    /// alerts.toml on real history.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    #[command(flatten)]
+    pub alerts: AlertsFile,
+
+    /// Summary format (with --dry-run: the alerts' format).
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+/// The alerting configuration file, as `run` and `ingest` take it.
+#[derive(Debug, Clone, Args)]
+pub struct AlertsFile {
+    /// Alerting configuration: detector settings and allowlists. The default file may be
+    /// absent (the built-in defaults apply); a file named here must exist.
+    #[arg(
+        long = "alerts",
+        env = "KEYWATCH_ALERTS",
+        default_value = "alerts.toml",
+        value_name = "FILE"
+    )]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertCommand {
+    /// Mark an alert benign: it stops counting as open, and for a new_country or
+    /// impossible_travel alert the key learns the country, so it is not raised again.
+    Benign {
+        /// The alert's id (as `report alerts` prints it).
+        id: String,
+        /// Why it is benign, kept with the alert.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

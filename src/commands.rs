@@ -19,14 +19,15 @@ use uuid::Uuid;
 
 use crate::app::{self, DaemonSettings, SourceSpec};
 use crate::cli::{
-    AlertsArgs, BucketArg, Cli, Command, DemoArgs, Format, IngestArgs, KeysCommand, KeysCreateArgs,
-    OrgsCommand, ReportCommand, SimulateArgs, TierArg, TimeRange, UsageArgs,
+    AlertCommand, AlertsArgs, AlertsFile, BucketArg, Cli, Command, DemoArgs, Format, IngestArgs,
+    KeysCommand, KeysCreateArgs, OrgsCommand, ReportCommand, SimulateArgs, TierArg, TimeRange,
+    UsageArgs,
 };
-use crate::detect::{Detectors, Settings as DetectorSettings};
+use crate::detect::Settings as DetectorSettings;
 use crate::geo::GeoDb;
 use crate::keys::{KeyCache, NewKey};
 use crate::metrics::Metrics;
-use crate::pipeline::{Detection, IngestStats, PipelineOptions};
+use crate::pipeline::{IngestStats, PipelineOptions};
 use crate::report::{self, GroupBy, KeyFilter, UsageQuery, UsageRow};
 use crate::source::file::FileOptions;
 use crate::store::{NewKeyRow, NewOrg, Store};
@@ -43,9 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|s| SourceSpec::parse(s.trim()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow!(e))?;
-            // The default file may be absent (a daemon started elsewhere); a named one must exist.
-            let required = args.alerts != Path::new("alerts.toml");
-            crate::config::AlertsConfig::load(&args.alerts, required)?;
+            let alerts = load_alerts(&args.alerts)?;
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let store = Store::open(&g.database_url).await?;
             let settings = DaemonSettings {
@@ -55,6 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 start_at_end: args.start_at_end,
                 key_refresh: args.key_refresh,
                 lateness: args.lateness,
+                detectors: alerts.detector_settings(),
             };
             app::run_daemon(store, settings, CancellationToken::new()).await
         }
@@ -129,7 +129,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo(&args).await,
         Command::Simulate(args) => simulate(&g.database_url, &args).await,
+        Command::CheckConfig { file } => {
+            crate::config::AlertsConfig::load(&file, true)?;
+            eprintln!("{} is valid.", file.display());
+            Ok(())
+        }
+        Command::Alert(AlertCommand::Benign { id, reason }) => {
+            let store = Store::open(&g.database_url).await?;
+            if !store.mark_benign(&id, &reason).await? {
+                bail!(
+                    "there is no alert {id:?} (keywatch report alerts --format json lists their ids)"
+                );
+            }
+            eprintln!(
+                "Alert {id} is marked benign; a location it names is learned by its key at the next start."
+            );
+            Ok(())
+        }
     }
+}
+
+/// Reads the alerting configuration. The default file may be absent (the built-in defaults
+/// apply); a file named with --alerts or KEYWATCH_ALERTS must exist.
+fn load_alerts(file: &AlertsFile) -> anyhow::Result<crate::config::AlertsConfig> {
+    let required = file.path != Path::new("alerts.toml");
+    Ok(crate::config::AlertsConfig::load(&file.path, required)?)
 }
 
 fn open_geo(path: Option<&Path>) -> anyhow::Result<Option<GeoDb>> {
@@ -157,20 +181,73 @@ async fn ingest(store: &Store, args: &IngestArgs, geo: Option<Arc<GeoDb>>) -> an
         total_bytes += meta.len();
         specs.push(SourceSpec::File(f.clone()));
     }
+    let settings = load_alerts(&args.alerts)?.detector_settings();
     let show_progress = !args.no_progress && std::io::stderr().is_terminal();
-    let stats = ingest_sources(store, &specs, total_bytes, show_progress, geo).await?;
-    print_ingest_summary(&stats.0, stats.1, args.format)?;
+    let run = IngestRun {
+        settings: &settings,
+        dry_run: args.dry_run,
+        total_bytes,
+        show_progress,
+    };
+    let (stats, took) = ingest_sources(store, &specs, &run, geo).await?;
+    if args.dry_run {
+        let alerts = dry_run_alerts(&stats.dry_run_findings);
+        eprintln!(
+            "Dry run: {} lines replayed in {:.2} s; {} alerts would be raised (nothing stored or sent).",
+            group_digits(stats.accepted + stats.rejected_total()),
+            took.as_secs_f64(),
+            alerts.len()
+        );
+        return print_alerts(&alerts, args.format);
+    }
+    print_ingest_summary(&stats, took, args.format)?;
     Ok(())
+}
+
+/// The alerts a dry run's findings make, as `report alerts` would list them had they been
+/// stored: the updates of one fingerprint merged into one alert.
+fn dry_run_alerts(findings: &[crate::detect::Finding]) -> Vec<crate::store::StoredAlert> {
+    let mut by_fp: BTreeMap<String, crate::store::StoredAlert> = BTreeMap::new();
+    for f in findings {
+        let a = crate::store::StoredAlert::from_finding(f);
+        match by_fp.get_mut(&a.id) {
+            Some(old) if old.status != "resolved" || f.resolved => {
+                let started_at = old.started_at;
+                *old = a;
+                old.started_at = started_at;
+            }
+            // A new episode after a resolved one: what a store would show is the newest.
+            _ => {
+                by_fp.insert(a.id.clone(), a);
+            }
+        }
+    }
+    let mut v: Vec<_> = by_fp.into_values().collect();
+    v.sort_by(|a, b| {
+        a.started_at
+            .cmp(&b.started_at)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    v
+}
+
+/// How one `ingest_sources` runs.
+struct IngestRun<'a> {
+    settings: &'a DetectorSettings,
+    dry_run: bool,
+    /// For the progress bar.
+    total_bytes: u64,
+    show_progress: bool,
 }
 
 /// Runs `specs` to their end through the pipeline, with a progress bar when asked.
 async fn ingest_sources(
     store: &Store,
     specs: &[SourceSpec],
-    total_bytes: u64,
-    show_progress: bool,
+    run: &IngestRun<'_>,
     geo: Option<Arc<GeoDb>>,
 ) -> anyhow::Result<(IngestStats, std::time::Duration)> {
+    let (total_bytes, show_progress) = (run.total_bytes, run.show_progress);
     let metrics = Metrics::new();
     let keys = app::load_keys(store, &metrics).await?;
     let bar = show_progress.then(|| {
@@ -200,13 +277,13 @@ async fn ingest_sources(
         &metrics,
         specs,
         file_opts,
-        PipelineOptions::default(),
+        PipelineOptions {
+            dry_run: run.dry_run,
+            ..PipelineOptions::default()
+        },
         CancellationToken::new(),
         progress,
-        Some(Detection {
-            detectors: Detectors::new(&DetectorSettings::default()),
-            geo,
-        }),
+        Some(app::build_detection(store, run.settings, geo).await?),
     )
     .await?;
     if let Some(b) = bar {
@@ -999,11 +1076,17 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let size = std::fs::metadata(&sim_args.out)
         .map(|m| m.len())
         .unwrap_or(0);
+    let settings = DetectorSettings::default();
+    let run = IngestRun {
+        settings: &settings,
+        dry_run: false,
+        total_bytes: size,
+        show_progress: std::io::stderr().is_terminal(),
+    };
     let (ingested, took) = ingest_sources(
         &store,
         &[SourceSpec::File(sim_args.out.clone())],
-        size,
-        std::io::stderr().is_terminal(),
+        &run,
         open_geo(None)?.map(Arc::new),
     )
     .await?;

@@ -4,15 +4,24 @@
 //! Owns what the file may say and the wording of every mistake in it (with line and column).
 //! It never reads the environment for anything but the variables the file names.
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
 
-/// What `alerts.toml` holds. Empty for now: usage counting needs no settings from it, and
-/// `deny_unknown_fields` keeps a setting from a newer keywatch from being ignored silently.
-#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AlertsConfig {}
+use crate::detect::Settings;
+use crate::detect::allow::{AllowRule, Allowlist};
+
+/// What `alerts.toml` holds: the detector settings and the allowlists. `deny_unknown_fields`
+/// everywhere keeps a misspelt setting from being ignored silently.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// `[detectors.rate]`, `[detectors.location]`, ...: one table per detector family.
+    pub detectors: Settings,
+    /// `[[allow]]`: known-good places per key or organization.
+    pub allow: Vec<AllowRule>,
+}
 
 /// A mistake in the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -28,21 +37,42 @@ pub enum ConfigError {
 }
 
 impl AlertsConfig {
-    /// Parses the file's text; `path` is only for messages.
+    /// Parses and checks the file's text; `path` is only for messages.
     pub fn parse(path: &str, text: &str) -> Result<AlertsConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        let invalid = |span: Option<Range<usize>>, message: String| {
+            let (line, col) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Invalid {
                 path: path.to_owned(),
-                message: format!(
-                    "line {line}, column {col}: {}",
-                    e.message().trim_end_matches('\n')
-                ),
+                message: format!("line {line}, column {col}: {message}"),
             }
-        })
+        };
+        let cfg: AlertsConfig = toml::from_str(text)
+            .map_err(|e| invalid(e.span(), e.message().trim_end_matches('\n').to_owned()))?;
+        if let Err(e) = cfg.detectors.check() {
+            let span = span_of(
+                text,
+                &[
+                    Step::Key("detectors"),
+                    Step::Key(e.table),
+                    Step::Key(e.setting),
+                ],
+            );
+            return Err(invalid(span, e.to_string()));
+        }
+        for (i, rule) in cfg.allow.iter().enumerate() {
+            if let Err((setting, message)) = rule.check() {
+                let span = span_of(
+                    text,
+                    &[Step::Key("allow"), Step::Index(i), Step::Key(setting)],
+                )
+                .or_else(|| span_of(text, &[Step::Key("allow"), Step::Index(i)]));
+                return Err(invalid(span, format!("allow[{i}].{setting}: {message}")));
+            }
+        }
+        Ok(cfg)
     }
 
-    /// Reads and parses a file. A missing default file is an empty configuration.
+    /// Reads and parses a file. A missing default file is the default configuration.
     pub fn load(path: &Path, required: bool) -> Result<AlertsConfig, ConfigError> {
         let shown = path.display().to_string();
         match std::fs::read_to_string(path) {
@@ -56,6 +86,43 @@ impl AlertsConfig {
             }),
         }
     }
+
+    /// The detector settings, allowlists included.
+    pub fn detector_settings(&self) -> Settings {
+        Settings {
+            allow: Allowlist::new(self.allow.clone()),
+            ..self.detectors.clone()
+        }
+    }
+}
+
+/// One step of a path into the TOML document.
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Where in `text` the value at `path` is, for a message about a value that parsed but is out
+/// of range (serde has forgotten the position by then).
+fn span_of(text: &str, path: &[Step<'_>]) -> Option<Range<usize>> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut span = root.span();
+    let mut table = Some(root.get_ref());
+    let mut array: Option<&toml::de::DeArray<'_>> = None;
+    for step in path {
+        let value = match step {
+            Step::Key(k) => table?.get(*k)?,
+            Step::Index(i) => array?.get(*i)?,
+        };
+        span = value.span();
+        (table, array) = match value.get_ref() {
+            DeValue::Table(t) => (Some(t), None),
+            DeValue::Array(a) => (None, Some(a)),
+            _ => (None, None),
+        };
+    }
+    Some(span)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -72,10 +139,9 @@ mod tests {
     #[test]
     fn the_shipped_file_is_valid() {
         let text = include_str!("../alerts.toml");
-        assert_eq!(
-            AlertsConfig::parse("alerts.toml", text).unwrap(),
-            AlertsConfig::default()
-        );
+        let cfg = AlertsConfig::parse("alerts.toml", text).unwrap();
+        // The shipped file states the defaults; it must not drift from them.
+        assert_eq!(cfg.detectors, Settings::default());
     }
 
     #[test]
@@ -90,5 +156,54 @@ mod tests {
     fn syntax_errors_name_their_line() {
         let e = AlertsConfig::parse("a.toml", "x = \n").unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn a_setting_out_of_range_names_its_line_and_range() {
+        let text = "[detectors.rate]\nspike_z = 4.0\nwindow_minutes = 45\n";
+        let e = AlertsConfig::parse("a.toml", text).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "a.toml: line 3, column 18: rate.window_minutes must be from 1 to 30, not 45"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_setting() {
+        let text = "[detectors.errors]\nmin_requests = \"thirty\"\n";
+        let e = AlertsConfig::parse("a.toml", text).unwrap_err().to_string();
+        assert!(e.starts_with("a.toml: line 2, column 16: "), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_detector_setting_lists_the_valid_ones() {
+        let text = "[detectors.rate]\nspike_zz = 4.0\n";
+        let e = AlertsConfig::parse("a.toml", text).unwrap_err().to_string();
+        assert!(
+            e.contains("line 2, column 1") && e.contains("spike_z"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn allow_rules_are_read_and_checked() {
+        let text = "[[allow]]\nkey = \"00000000-0000-0000-0000-000000000007\"\ncountries = [\"SE\"]\ncidrs = [\"10.0.0.0/8\"]\nexpires = 2027-01-01T00:00:00Z\nreason = \"office\"\n\n[[allow]]\ncountries = [\"Sweden\"]\n";
+        let e = AlertsConfig::parse("a.toml", text).unwrap_err().to_string();
+        assert!(
+            e.contains("line 9") && e.contains("allow[1].countries"),
+            "{e}"
+        );
+        let ok = text.replace("\"Sweden\"", "\"NO\"");
+        let cfg = AlertsConfig::parse("a.toml", &ok).unwrap();
+        assert_eq!(cfg.allow.len(), 2);
+        assert_eq!(cfg.allow[0].cidrs[0].to_string(), "10.0.0.0/8");
+        let bad_cidr = ok.replace("10.0.0.0/8", "10.0.0.0/40");
+        let e = AlertsConfig::parse("a.toml", &bad_cidr)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 4") && e.contains("not an address range"),
+            "{e}"
+        );
     }
 }

@@ -119,6 +119,9 @@ pub struct PipelineOptions {
     /// Refuse event times further than this ahead of the wall clock: a line dated in the
     /// year 9999 would otherwise become the newest event time and make every other line late.
     pub max_future: chrono::Duration,
+    /// Store nothing: each batch's findings are kept in [`IngestStats::dry_run_findings`] and
+    /// the batch (counts, checkpoints, dead letters, alerts) is dropped.
+    pub dry_run: bool,
 }
 
 impl Default for PipelineOptions {
@@ -128,6 +131,7 @@ impl Default for PipelineOptions {
             flush_interval: Duration::from_secs(1),
             flush_lines: 25_000,
             max_future: chrono::Duration::hours(24),
+            dry_run: false,
         }
     }
 }
@@ -148,6 +152,8 @@ pub struct IngestStats {
     pub commits: u64,
     /// Fingerprints of the alerts the lines opened or updated.
     pub alerts: HashSet<String>,
+    /// In a dry run, every finding, in the order the detectors raised them.
+    pub dry_run_findings: Vec<crate::detect::Finding>,
 }
 
 impl IngestStats {
@@ -401,6 +407,13 @@ impl Pipeline {
             .map(|(s, cp)| (s.to_string(), cp))
             .collect();
         if self.batch.is_empty() {
+            self.last_flush = Instant::now();
+            return Ok(());
+        }
+        if self.opts.dry_run {
+            let batch = std::mem::take(&mut self.batch);
+            self.stats.dry_run_findings.extend(batch.findings);
+            self.pending_lines = 0;
             self.last_flush = Instant::now();
             return Ok(());
         }

@@ -22,7 +22,8 @@ const MAX_DISTINCT: usize = 128;
 const MAX_SUBJECTS: usize = 200_000;
 
 /// Settings of `auth_failure_burst`; defaults are issue 3's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
     /// Whether the detector runs at all.
     pub enabled: bool,

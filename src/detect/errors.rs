@@ -32,7 +32,8 @@ const CLASSES: [(StatusClass, &str); 3] = [
 ];
 
 /// Settings of `error_spike`; defaults are issue 3's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ErrorSettings {
     /// Whether the detector runs at all.
     pub enabled: bool,

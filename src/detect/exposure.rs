@@ -20,7 +20,8 @@ use super::{
 const MAX_ADDRESSES: usize = 64;
 
 /// Settings of `client_side_exposure`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ExposureSettings {
     /// Whether the detector runs at all.
     pub enabled: bool,

@@ -21,7 +21,8 @@ use super::{
 const MAX_COUNTRIES: usize = 16;
 
 /// Settings of `expired_key_use` and `revoked_key_use`; defaults are issue 3's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LifecycleSettings {
     /// Raise `expired_key_use`.
     pub expired: bool,

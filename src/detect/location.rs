@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
+use super::allow::Allowlist;
 use super::{
     AlertType, Context, Detector, Episodes, Evidence, Finding, Observation, Severity, Subject,
     country_str, fnv1a,
@@ -28,7 +29,8 @@ const MAX_CITIES: usize = 64;
 const MAX_NETWORKS: usize = 64;
 
 /// Settings of the location detectors; defaults are issue 3's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LocationSettings {
     /// Raise `new_country`.
     pub new_country: bool,
@@ -157,6 +159,8 @@ pub struct LocationDetector {
     /// Countries each organization's keys have used: a place a colleague's key uses is less
     /// suspicious.
     org_countries: HashMap<Uuid, Vec<[u8; 2]>>,
+    /// Known-good places: learned like any other, never alerted.
+    allow: Allowlist,
     episodes: Episodes,
 }
 
@@ -171,8 +175,15 @@ impl LocationDetector {
             s,
             keys: HashMap::new(),
             org_countries: HashMap::new(),
+            allow: Allowlist::default(),
             episodes,
         }
+    }
+
+    /// The same detector, quiet about the places `allow` covers.
+    pub fn with_allowlist(mut self, allow: Allowlist) -> LocationDetector {
+        self.allow = allow;
+        self
     }
 
     /// Teaches a key a country (an alert marked benign, an allowlist).
@@ -242,7 +253,7 @@ impl Detector for LocationDetector {
                 MAX_COUNTRIES,
             );
         }
-        if learning {
+        if learning || self.allow.allows(obs).is_some() {
             return out;
         }
         let subject = Subject::Key(key);
@@ -263,6 +274,7 @@ impl Detector for LocationDetector {
                 method: "country never seen for this key after its learning period",
                 samples: u64::from(places_count(&self.keys, key)),
                 top: vec![(cc.clone(), 1), (ip.to_string(), 1)],
+                country: Some(cc.clone()),
                 ..Evidence::default()
             };
             let summary = format!(
@@ -320,6 +332,7 @@ impl Detector for LocationDetector {
                         (cc.clone(), 1),
                         (ip.to_string(), 1),
                     ],
+                    country: Some(cc.clone()),
                     ..Evidence::default()
                 };
                 let summary = format!(
@@ -456,6 +469,29 @@ mod tests {
         );
         assert!(d.observe(&o, &Context::default()).is_empty());
         assert_eq!(d.tick(t1 + Duration::hours(25)).len(), 2, "both resolve");
+    }
+
+    #[test]
+    fn an_allowlisted_country_is_learned_without_an_alert() {
+        let key = Uuid::from_u128(1);
+        let rule = super::super::allow::AllowRule {
+            key: Some(key),
+            countries: vec!["CN".into()],
+            reason: "the Changchun office".into(),
+            ..Default::default()
+        };
+        let mut d = LocationDetector::new(LocationSettings::default())
+            .with_allowlist(Allowlist::new(vec![rule]));
+        let t0 = t("2026-11-01T00:00:00Z");
+        learn_london(&mut d, key, t0);
+        let t1 = t0 + Duration::hours(30);
+        let o = at_place(t1, key, "175.16.199.1", "CN", "Changchun", CHANGCHUN);
+        assert!(d.observe(&o, &Context::default()).is_empty());
+        // Another key of no rule still alerts on the same jump.
+        let other = Uuid::from_u128(2);
+        learn_london(&mut d, other, t0);
+        let o = at_place(t1, other, "175.16.199.1", "CN", "Changchun", CHANGCHUN);
+        assert!(!d.observe(&o, &Context::default()).is_empty());
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! gap between the trigger and the recovery thresholds is what stops flapping; the recovery
 //! period is what stops a single quiet minute inside an incident from closing it.
 
+pub mod allow;
 pub mod auth;
 pub mod errors;
 pub mod exposure;
@@ -34,7 +35,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use chrono::{DateTime, Duration, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::keys::{KeyInfo, OrgInfo};
@@ -232,6 +233,9 @@ pub struct Evidence {
     pub score: Option<f64>,
     /// When a trend reaches its limit at the current rate (quota forecasts).
     pub forecast_at: Option<DateTime<Utc>>,
+    /// The country the finding is about (location findings): what marking it benign teaches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
 }
 
 /// One anomaly, opened, updated or resolved.
@@ -491,8 +495,10 @@ pub(crate) fn minute_of(t: DateTime<Utc>) -> i64 {
     t.timestamp().div_euclid(60)
 }
 
-/// The settings of every detector, each with its issue-3 defaults.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The settings of every detector, each with its issue-3 defaults: the `[detectors.*]`
+/// tables of `alerts.toml`, one per family, each setting named as its field.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// `rate_spike`, `rate_drop`.
     pub rate: rate::RateSettings,
@@ -510,6 +516,169 @@ pub struct Settings {
     pub exposure: exposure::ExposureSettings,
     /// `key_in_logs`.
     pub secrets: secrets::SecretSettings,
+    /// Known-good places (`[[allow]]` in `alerts.toml`, beside the detector tables).
+    #[serde(skip)]
+    pub allow: allow::Allowlist,
+}
+
+/// A detector setting outside what it can be.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{table}.{setting} {message}")]
+pub struct InvalidSetting {
+    /// The detector family's table (`rate`, `errors`, ...).
+    pub table: &'static str,
+    /// The setting's name in that table.
+    pub setting: &'static str,
+    /// What it must be, as the end of a sentence ("must be from 1 to 30").
+    pub message: String,
+}
+
+/// Checks one number against its range: `Err` names the setting and the range.
+fn within<T: PartialOrd + fmt::Display>(
+    table: &'static str,
+    setting: &'static str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<(), InvalidSetting> {
+    if v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err(InvalidSetting {
+            table,
+            setting,
+            message: format!("must be from {lo} to {hi}, not {v}"),
+        })
+    }
+}
+
+impl Settings {
+    /// The first setting outside its range. Ranges are where a detector still means what its
+    /// documentation says (a window longer than its ring of minutes would silently shrink).
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        let r = &self.rate;
+        within("rate", "window_minutes", r.window_minutes, 1, 30)?;
+        within("rate", "drop_minutes", r.drop_minutes, 1, 30)?;
+        within("rate", "spike_z", r.spike_z, 0.5, 100.0)?;
+        within("rate", "recovery_z", r.recovery_z, 0.0, r.spike_z)?;
+        within("rate", "spike_min_ratio", r.spike_min_ratio, 1.0, 100.0)?;
+        within("rate", "drop_max_fraction", r.drop_max_fraction, 0.0, 0.9)?;
+        within("rate", "min_volume_rpm", r.min_volume_rpm, 0.0, 1e9)?;
+        within(
+            "rate",
+            "drop_min_expected_rpm",
+            r.drop_min_expected_rpm,
+            0.0,
+            1e9,
+        )?;
+        within("rate", "warmup_days", r.warmup_days, 1, 28)?;
+        within(
+            "rate",
+            "cold_start_fraction",
+            r.cold_start_fraction,
+            0.1,
+            10.0,
+        )?;
+        within("rate", "recovery_minutes", r.recovery_minutes, 1, 1440)?;
+        within("rate", "reemit_minutes", r.reemit_minutes, 1, 10080)?;
+        let l = &self.location;
+        within("location", "learning_hours", l.learning_hours, 0, 24 * 28)?;
+        within("location", "max_speed_kmh", l.max_speed_kmh, 1.0, 1e6)?;
+        within(
+            "location",
+            "default_accuracy_km",
+            l.default_accuracy_km,
+            0.0,
+            5000.0,
+        )?;
+        within("location", "recovery_hours", l.recovery_hours, 1, 24 * 28)?;
+        let e = &self.errors;
+        within("errors", "window_minutes", e.window_minutes, 1, 7)?;
+        within("errors", "min_ratio", e.min_ratio, 1.0, 100.0)?;
+        within("errors", "min_excess", e.min_excess, 0.0, 1.0)?;
+        within("errors", "max_p_value", e.max_p_value, 1e-300, 0.5)?;
+        within(
+            "errors",
+            "baseline_half_life_hours",
+            e.baseline_half_life_hours,
+            0.1,
+            1e4,
+        )?;
+        within("errors", "prior_rate", e.prior_rate, 0.0, 0.99)?;
+        within("errors", "prior_weight", e.prior_weight, 0.0, 1e9)?;
+        within("errors", "recovery_minutes", e.recovery_minutes, 1, 1440)?;
+        let a = &self.auth;
+        within("auth", "window_minutes", a.window_minutes, 1, 60)?;
+        within("auth", "distinct_prefixes", a.distinct_prefixes, 2, 128)?;
+        within("auth", "distinct_ips", a.distinct_ips, 2, 128)?;
+        within("auth", "failures", a.failures, 1, u32::MAX)?;
+        within("auth", "recovery_minutes", a.recovery_minutes, 1, 1440)?;
+        within(
+            "lifecycle",
+            "recovery_hours",
+            self.lifecycle.recovery_hours,
+            1,
+            24 * 28,
+        )?;
+        within(
+            "lifecycle",
+            "reemit_hours",
+            self.lifecycle.reemit_hours,
+            1,
+            24 * 28,
+        )?;
+        let q = &self.quota;
+        if let Some(bad) = q.levels.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(InvalidSetting {
+                table: "quota",
+                setting: "levels",
+                message: format!(
+                    "must be increasing percentages, like [75, 90, 100, 120] ({} is not below {})",
+                    bad[0], bad[1]
+                ),
+            });
+        }
+        for &lvl in &q.levels {
+            within("quota", "levels", lvl, 1, 1000)?;
+        }
+        within("quota", "saturated_minutes", q.saturated_minutes, 1, 60)?;
+        within(
+            "quota",
+            "saturation_fraction",
+            q.saturation_fraction,
+            0.1,
+            10.0,
+        )?;
+        within(
+            "quota",
+            "saturation_recovery_minutes",
+            q.saturation_recovery_minutes,
+            1,
+            1440,
+        )?;
+        within(
+            "exposure",
+            "min_addresses",
+            self.exposure.min_addresses,
+            2,
+            10_000,
+        )?;
+        within(
+            "exposure",
+            "period_hours",
+            self.exposure.period_hours,
+            1,
+            24 * 7,
+        )?;
+        within(
+            "secrets",
+            "recovery_hours",
+            self.secrets.recovery_hours,
+            1,
+            24 * 28,
+        )?;
+        Ok(())
+    }
 }
 
 /// Every detector, each present when enabled in its settings (fields as in [`Settings`]).
@@ -536,7 +705,10 @@ impl Detectors {
             location: (s.location.new_country
                 || s.location.new_network
                 || s.location.impossible_travel)
-                .then(|| location::LocationDetector::new(s.location.clone())),
+                .then(|| {
+                    location::LocationDetector::new(s.location.clone())
+                        .with_allowlist(s.allow.clone())
+                }),
             errors: s
                 .errors
                 .enabled

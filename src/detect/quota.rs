@@ -22,7 +22,8 @@ use crate::usage::month_of;
 const RING_MINUTES: usize = 64;
 
 /// Settings of `quota_threshold` and `rate_limit_saturation`; defaults are issue 3's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct QuotaSettings {
     /// Raise `quota_threshold`.
     pub threshold: bool,

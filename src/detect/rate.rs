@@ -35,7 +35,8 @@ const RING_MINUTES: usize = 32;
 const MAD_TO_SIGMA: f64 = 1.4826;
 
 /// Settings of `rate_spike` and `rate_drop`; defaults are issue 3's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RateSettings {
     /// Whether the detector runs at all.
     pub enabled: bool,

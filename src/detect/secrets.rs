@@ -20,7 +20,8 @@ use crate::keys::{KEY_LEN, KEY_PREFIX, STORED_PREFIX_LEN};
 const KEY_HEX: usize = KEY_LEN - KEY_PREFIX.len();
 
 /// Settings of `key_in_logs`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SecretSettings {
     /// Whether the detector runs at all.
     pub enabled: bool,

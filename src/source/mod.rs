@@ -51,6 +51,19 @@ pub trait CheckpointReader: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Checkpoint>, crate::store::StoreError>> + Send;
 }
 
+/// A checkpoint reader that knows no checkpoints: every file is new (a dry run).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCheckpoints;
+
+impl CheckpointReader for NoCheckpoints {
+    async fn checkpoint(
+        &self,
+        _fingerprint: &str,
+    ) -> Result<Option<Checkpoint>, crate::store::StoreError> {
+        Ok(None)
+    }
+}
+
 /// An error that stops a source. Transient conditions (a file missing for a while, a
 /// permission error during rotation) are retried inside the source and only logged.
 #[derive(Debug, thiserror::Error)]

@@ -22,14 +22,40 @@ pub struct StoredAlert {
     pub last_seen_at: DateTime<Utc>,
     pub resolved_at: Option<DateTime<Utc>>,
     pub summary: String,
+    /// The level crossed, for threshold alerts (`quota_threshold`: the percentage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
     pub evidence: serde_json::Value,
+}
+
+impl StoredAlert {
+    /// The alert a finding makes, as the store would show it after writing only this one.
+    pub fn from_finding(f: &crate::detect::Finding) -> StoredAlert {
+        StoredAlert {
+            id: f.fingerprint(),
+            alert_type: f.alert_type.as_str().to_owned(),
+            severity: f.severity.as_str().to_owned(),
+            status: if f.resolved { "resolved" } else { "firing" }.to_owned(),
+            key_id: f.key_id.map(|k| k.to_string()),
+            key_prefix: f.key_prefix.clone(),
+            org_id: f.org_id.map(|o| o.to_string()),
+            source_ip: f.source_ip.map(|ip| ip.to_string()),
+            started_at: f.started_at,
+            last_seen_at: f.at,
+            resolved_at: f.resolved.then_some(f.at),
+            summary: f.summary.clone(),
+            threshold: f.evidence.threshold,
+            evidence: serde_json::to_value(&f.evidence).unwrap_or(serde_json::Value::Null),
+        }
+    }
 }
 
 pub(crate) const UPSERT: &str = "INSERT INTO kw_alerts (fingerprint, alert_type, severity, status, key_id, \
      key_prefix, org_id, source_ip, started_at, last_seen_at, resolved_at, summary, evidence) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
      ON CONFLICT (fingerprint) DO UPDATE SET severity = excluded.severity, \
-     status = excluded.status, key_prefix = COALESCE(excluded.key_prefix, kw_alerts.key_prefix), \
+     status = CASE WHEN kw_alerts.status = 'benign' AND excluded.status = 'firing' \
+     THEN 'benign' ELSE excluded.status END, key_prefix = COALESCE(excluded.key_prefix, kw_alerts.key_prefix), \
      source_ip = COALESCE(excluded.source_ip, kw_alerts.source_ip), \
      started_at = CASE WHEN kw_alerts.status = 'resolved' AND excluded.status = 'firing' \
      THEN excluded.started_at ELSE kw_alerts.started_at END, \
@@ -104,20 +130,78 @@ impl Store {
         let t = |s: &str| crate::event::parse_timestamp(s).unwrap_or_default();
         Ok(rows
             .into_iter()
-            .map(|r| StoredAlert {
-                id: r.0,
-                alert_type: r.1,
-                severity: r.2,
-                status: r.3,
-                key_id: r.4,
-                key_prefix: r.5,
-                org_id: r.6,
-                source_ip: r.7,
-                started_at: t(&r.8),
-                last_seen_at: t(&r.9),
-                resolved_at: r.10.as_deref().map(t),
-                summary: r.11,
-                evidence: serde_json::from_str(&r.12).unwrap_or(serde_json::Value::Null),
+            .map(|r| {
+                let evidence: serde_json::Value =
+                    serde_json::from_str(&r.12).unwrap_or(serde_json::Value::Null);
+                StoredAlert {
+                    id: r.0,
+                    alert_type: r.1,
+                    severity: r.2,
+                    status: r.3,
+                    key_id: r.4,
+                    key_prefix: r.5,
+                    org_id: r.6,
+                    source_ip: r.7,
+                    started_at: t(&r.8),
+                    last_seen_at: t(&r.9),
+                    resolved_at: r.10.as_deref().map(t),
+                    summary: r.11,
+                    threshold: evidence
+                        .get("threshold")
+                        .and_then(serde_json::Value::as_f64),
+                    evidence,
+                }
+            })
+            .collect())
+    }
+}
+
+/// A country a person said is fine for a key, from an alert marked benign.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenignPlace {
+    pub key_id: uuid::Uuid,
+    pub country: [u8; 2],
+    pub since: DateTime<Utc>,
+}
+
+impl Store {
+    /// Marks the alert `id` benign with `reason`; `false` when there is no such alert.
+    pub async fn mark_benign(&self, id: &str, reason: &str) -> Result<bool, StoreError> {
+        let done = with_pool!(self, p => sqlx::query(
+            "UPDATE kw_alerts SET status = 'benign', note = $2 WHERE fingerprint = $1",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))
+        .context("marking an alert benign")?;
+        Ok(done > 0)
+    }
+
+    /// The places of every location alert marked benign: the location detector learns them
+    /// at start, so a person's "this is fine" outlives a restart.
+    pub async fn benign_places(&self) -> Result<Vec<BenignPlace>, StoreError> {
+        let rows: Vec<(Option<String>, String, String)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT key_id, evidence, CAST(started_at AS TEXT) FROM kw_alerts \
+             WHERE status = 'benign' AND alert_type IN ('new_country', 'impossible_travel')",
+        )
+        .fetch_all(p)
+        .await)
+        .context("reading benign alerts")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, evidence, at)| {
+                let key_id = key?.parse().ok()?;
+                let ev: serde_json::Value = serde_json::from_str(&evidence).ok()?;
+                let c = ev.get("country")?.as_str()?.as_bytes();
+                let country = [*c.first()?, *c.get(1)?];
+                let since = crate::event::parse_timestamp(&at).ok()?;
+                Some(BenignPlace {
+                    key_id,
+                    country,
+                    since,
+                })
             })
             .collect())
     }

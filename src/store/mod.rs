@@ -12,7 +12,7 @@ mod ingest;
 pub(crate) mod keys;
 mod report;
 
-pub use alerts::StoredAlert;
+pub use alerts::{BenignPlace, StoredAlert};
 pub use ingest::{Batch, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
 pub use report::{SegmentQuery, UsageAggregate};
