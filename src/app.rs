@@ -192,7 +192,7 @@ pub async fn run_daemon(
         opts,
         shutdown.clone(),
         None,
-        Some(build_detection(&store, &settings.detectors, settings.geo.clone()).await?),
+        Some(build_detection(&store, &settings.detectors, settings.geo.clone(), false).await?),
     )
     .await?;
     tracing::info!(
@@ -251,15 +251,52 @@ fn spawn_signal_handlers(keys: Arc<SharedKeys>, shutdown: CancellationToken) {
 
 /// The detectors for `settings`, taught the places people marked benign (so that "this is
 /// fine" outlives a restart).
+///
+/// Unless `dry_run` (which re-reads what the store already counted), the quota detector is
+/// told what the month already holds, up to the newest counted minute, and which levels it
+/// already reported: a restart mid-month neither misses a crossing nor repeats one.
 pub async fn build_detection(
     store: &Store,
     settings: &crate::detect::Settings,
     geo: Option<Arc<crate::geo::GeoDb>>,
+    dry_run: bool,
 ) -> Result<Detection, StoreError> {
     let mut detectors = crate::detect::Detectors::new(settings);
     if let Some(loc) = detectors.location.as_mut() {
         for p in store.benign_places().await? {
             loc.learn_country(p.key_id, p.since, p.country);
+        }
+    }
+    if let (Some(quota), false) = (detectors.quota.as_mut(), dry_run)
+        && let Some(at) = store.latest_minute().await?
+    {
+        let at = at + chrono::Duration::minutes(1);
+        let (month_start, _) = crate::usage::month_of(at);
+        let mut reported: std::collections::HashMap<String, Vec<u32>> = Default::default();
+        for a in store
+            .alerts(month_start, at + chrono::Duration::days(1))
+            .await?
+        {
+            if let (true, Some(org), Some(level)) = (
+                a.alert_type == "quota_threshold",
+                a.org_id.clone(),
+                a.evidence.get("score").and_then(serde_json::Value::as_f64),
+            ) {
+                let levels = reported.entry(org).or_default();
+                levels.extend(
+                    settings
+                        .quota
+                        .levels
+                        .iter()
+                        .filter(|&&l| f64::from(l) <= level),
+                );
+            }
+        }
+        for (org, count) in crate::report::month_to_date(store, at).await? {
+            let levels = reported
+                .get(&org.to_string())
+                .map_or(&[][..], Vec::as_slice);
+            quota.seed(org, at, count, levels);
         }
     }
     Ok(Detection { detectors, geo })

@@ -212,9 +212,10 @@ fn dry_run_alerts(findings: &[crate::detect::Finding]) -> Vec<crate::store::Stor
         let a = crate::store::StoredAlert::from_finding(f);
         match by_fp.get_mut(&a.id) {
             Some(old) if old.status != "resolved" || f.resolved => {
-                let started_at = old.started_at;
+                let (started_at, detected_at) = (old.started_at, old.detected_at);
                 *old = a;
                 old.started_at = started_at;
+                old.detected_at = detected_at;
             }
             // A new episode after a resolved one: what a store would show is the newest.
             _ => {
@@ -283,7 +284,7 @@ async fn ingest_sources(
         },
         CancellationToken::new(),
         progress,
-        Some(app::build_detection(store, run.settings, geo).await?),
+        Some(app::build_detection(store, run.settings, geo, run.dry_run).await?),
     )
     .await?;
     if let Some(b) = bar {

@@ -89,7 +89,12 @@ fn past_end(obs: &Observation, ctx: &Context<'_>) -> Option<AlertType> {
     let revoked = code == Some("revoked_key")
         || ctx
             .key
-            .is_some_and(|k| k.status != "active" || k.revoked_at.is_some_and(|r| r <= obs.at));
+            // With a revocation time, calls before it were legitimate (a replayed history);
+            // without one, the status is all there is to go by.
+            .is_some_and(|k| match k.revoked_at {
+                Some(r) => r <= obs.at,
+                None => k.status != "active",
+            });
     let expired = code == Some("expired_key")
         || ctx
             .key

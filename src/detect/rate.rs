@@ -273,27 +273,39 @@ impl Series {
         })
     }
 
-    /// The short-term level: the last 24 complete hours against their baselines, clamped to
-    /// [0.5, 3] so that neither a dead day nor a long incident rewrites the expectation.
+    /// The short-term level: the median, over the last 24 complete hours, of each hour's
+    /// total against its baseline, clamped to [0.5, 3]. A median, so that a few hours of
+    /// outage or of incident do not rewrite the expectation (the traffic returning after a
+    /// three-hour drop is not a spike), while steady growth, which lifts every hour, does.
     fn level(&mut self) -> f64 {
         if self.level_hour == self.hour {
             return self.level;
         }
-        let (mut seen, mut expected) = (0.0, 0.0);
+        let mut ratios = [0.0; 24];
+        let (mut n, mut expected) = (0, 0.0);
         for hh in (self.hour - 24)..self.hour {
-            if let Some(b) = self.baseline(hh) {
-                seen += f64::from(self.totals[Self::slot(hh)]);
+            // Hours expected to hold only a handful of requests say nothing about the level.
+            if let Some(b) = self.baseline(hh).filter(|b| b.total >= 10.0) {
+                ratios[n] = f64::from(self.totals[Self::slot(hh)]) / b.total;
                 expected += b.total;
+                n += 1;
             }
         }
-        // Below a few hundred requests a day the ratio is noise; leave the level at 1.
-        self.level = if expected >= 300.0 {
-            (seen / expected).clamp(0.5, 3.0)
-        } else {
-            1.0
+        // Below a few hundred requests a day, or a few judged hours, the ratio is noise.
+        self.level = match median_mad(&ratios[..n]) {
+            Some((m, _)) if expected >= 300.0 && n >= 6 => m.clamp(0.5, 3.0),
+            _ => 1.0,
         };
         self.level_hour = self.hour;
         self.level
+    }
+
+    /// Whether the subject's traffic comes in bursts: its busiest 5 minutes of this hour of
+    /// the week usually carry more than a quarter of the hour (a CI job at the top of the
+    /// hour). Such a subject is silent most minutes of every hour, so only whole hours can
+    /// tell a drop.
+    fn bursty(b: &Baseline) -> bool {
+        b.peak * 4.0 > b.total
     }
 }
 
@@ -407,11 +419,20 @@ impl RateDetector {
         }
         let level = series.level();
         let end = series.minute - 1; // complete minutes only
-        let mut expected = 0.0;
+        let (mut expected, mut bursty) = (0.0, false);
         for mm in (end - i64::from(len) + 1)..=end {
-            expected += series.baseline(mm.div_euclid(60))?.total * level / 60.0;
+            let b = series.baseline(mm.div_euclid(60))?;
+            bursty |= Series::bursty(&b);
+            expected += b.total * level / 60.0;
         }
-        let seen = f64::from(series.window_sum(end, len));
+        let (mut seen, mut len) = (f64::from(series.window_sum(end, len)), len);
+        if bursty {
+            // The last complete hour against its baseline instead.
+            let h = series.hour - 1;
+            expected = series.baseline(h)?.total * level;
+            seen = f64::from(series.totals[Series::slot(h)]);
+            len = 60;
+        }
         if expected / f64::from(len) < s.drop_min_expected_rpm.max(s.min_volume_rpm) {
             return None;
         }
@@ -709,6 +730,61 @@ mod tests {
             rng.poisson(weekly(t) + burst)
         });
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_key_that_only_bursts_is_judged_on_whole_hours() {
+        let key = key_info(Uuid::from_u128(12), 600);
+        let mut d = detector();
+        let mut rng = Rng(12);
+        // A CI job: 420 requests in the first three minutes of every hour, almost nothing
+        // between, so every hour holds 57 silent minutes. Three weeks of it are quiet.
+        let ci = |rng: &mut Rng, i: i64| rng.poisson(if i % 60 < 3 { 140.0 } else { 0.3 });
+        let quiet = feed(&mut d, &key, start(), 21 * 1440, |i, _| ci(&mut rng, i));
+        assert!(quiet.is_empty(), "{quiet:?}");
+        // Then the job stops: the whole hour after the missing burst is the drop.
+        let stop = start() + Duration::days(21);
+        let out = feed(&mut d, &key, stop, 130, |_, _| 0);
+        let drops: Vec<_> = out
+            .iter()
+            .filter(|f| f.alert_type == AlertType::RateDrop && f.started_at == f.at)
+            .collect();
+        assert_eq!(drops.len(), 1, "{out:?}");
+        assert!(
+            drops[0].at - stop <= Duration::minutes(62),
+            "{:?}",
+            drops[0].at
+        );
+        assert_eq!(drops[0].evidence.window_secs, 3600);
+    }
+
+    #[test]
+    fn traffic_returning_after_an_outage_is_not_a_spike() {
+        let key = key_info(Uuid::from_u128(13), 600);
+        let mut d = detector();
+        let mut rng = Rng(13);
+        let quiet = feed(&mut d, &key, start(), 21 * 1440 + 10 * 60, |_, t| {
+            rng.poisson(weekly(t))
+        });
+        assert!(quiet.is_empty(), "{quiet:?}");
+        // Three hours of silence, then the usual rhythm again for the rest of the day.
+        let gone = start() + Duration::days(21) + Duration::hours(10);
+        let mut out = feed(&mut d, &key, gone, 180, |_, _| 0);
+        out.extend(feed(
+            &mut d,
+            &key,
+            gone + Duration::hours(3),
+            600,
+            |_, t| rng.poisson(weekly(t)),
+        ));
+        // One episode (re-sent hourly while it lasts, as every open episode is), no spike.
+        let opened: Vec<_> = out
+            .iter()
+            .filter(|f| f.started_at == f.at)
+            .map(|f| f.alert_type)
+            .collect();
+        assert_eq!(opened, [AlertType::RateDrop], "{out:?}");
+        assert!(out.iter().all(|f| f.alert_type == AlertType::RateDrop));
     }
 
     #[test]

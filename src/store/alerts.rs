@@ -21,6 +21,9 @@ pub struct StoredAlert {
     pub started_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
     pub resolved_at: Option<DateTime<Utc>>,
+    /// Event time at which the episode was first raised (detection delay is this minus the
+    /// start of the anomaly).
+    pub detected_at: DateTime<Utc>,
     pub summary: String,
     /// The level crossed, for threshold alerts (`quota_threshold`: the percentage).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,6 +46,7 @@ impl StoredAlert {
             started_at: f.started_at,
             last_seen_at: f.at,
             resolved_at: f.resolved.then_some(f.at),
+            detected_at: f.at,
             summary: f.summary.clone(),
             threshold: f.evidence.threshold,
             evidence: serde_json::to_value(&f.evidence).unwrap_or(serde_json::Value::Null),
@@ -51,14 +55,16 @@ impl StoredAlert {
 }
 
 pub(crate) const UPSERT: &str = "INSERT INTO kw_alerts (fingerprint, alert_type, severity, status, key_id, \
-     key_prefix, org_id, source_ip, started_at, last_seen_at, resolved_at, summary, evidence) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+     key_prefix, org_id, source_ip, started_at, last_seen_at, resolved_at, summary, evidence, \
+     detected_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $10) \
      ON CONFLICT (fingerprint) DO UPDATE SET severity = excluded.severity, \
      status = CASE WHEN kw_alerts.status = 'benign' AND excluded.status = 'firing' \
      THEN 'benign' ELSE excluded.status END, key_prefix = COALESCE(excluded.key_prefix, kw_alerts.key_prefix), \
      source_ip = COALESCE(excluded.source_ip, kw_alerts.source_ip), \
      started_at = CASE WHEN kw_alerts.status = 'resolved' AND excluded.status = 'firing' \
      THEN excluded.started_at ELSE kw_alerts.started_at END, \
+     detected_at = CASE WHEN kw_alerts.status = 'resolved' AND excluded.status = 'firing' \
+     THEN excluded.detected_at ELSE COALESCE(kw_alerts.detected_at, excluded.detected_at) END, \
      last_seen_at = excluded.last_seen_at, resolved_at = excluded.resolved_at, \
      summary = excluded.summary, evidence = excluded.evidence";
 
@@ -108,6 +114,7 @@ type AlertRow = (
     Option<String>,
     String,
     String,
+    String,
 );
 
 impl Store {
@@ -119,8 +126,8 @@ impl Store {
     ) -> Result<Vec<StoredAlert>, StoreError> {
         let rows: Vec<AlertRow> = with_pool!(self, p => sqlx::query_as(
             "SELECT fingerprint, alert_type, severity, status, key_id, key_prefix, org_id, source_ip, \
-             CAST(started_at AS TEXT), CAST(last_seen_at AS TEXT), CAST(resolved_at AS TEXT), summary, evidence \
-             FROM kw_alerts WHERE started_at >= $1 AND started_at < $2 ORDER BY started_at, fingerprint",
+             CAST(started_at AS TEXT), CAST(last_seen_at AS TEXT), CAST(resolved_at AS TEXT), summary, evidence, \
+             CAST(COALESCE(detected_at, started_at) AS TEXT) FROM kw_alerts WHERE started_at >= $1 AND started_at < $2 ORDER BY started_at, fingerprint",
         )
         .bind(DbTime(from))
         .bind(DbTime(until))
@@ -145,6 +152,7 @@ impl Store {
                     started_at: t(&r.8),
                     last_seen_at: t(&r.9),
                     resolved_at: r.10.as_deref().map(t),
+                    detected_at: t(&r.13),
                     summary: r.11,
                     threshold: evidence
                         .get("threshold")

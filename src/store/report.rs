@@ -177,3 +177,17 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// The start of the newest minute holding any count: how far ingestion has got in event
+    /// time (what a restarted detector resumes from).
+    pub async fn latest_minute(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let v: Option<String> = with_pool!(self, p => sqlx::query_scalar(
+            "SELECT CAST(MAX(bucket_start) AS TEXT) FROM kw_usage_minute",
+        )
+        .fetch_one(p)
+        .await)
+        .context("reading the newest usage minute")?;
+        Ok(v.and_then(|s| crate::event::parse_timestamp(&s).ok()))
+    }
+}
