@@ -54,16 +54,21 @@ impl StoredAlert {
     }
 }
 
+/// A finding whose episode started after the stored alert's last evidence is a new episode
+/// of the same fingerprint (the old one resolved, or its process stopped before it could
+/// resolve it): it restarts `started_at`, `detected_at` and the status. Within one episode
+/// `started_at` never changes, so it is never later than the stored `last_seen_at`.
 pub(crate) const UPSERT: &str = "INSERT INTO kw_alerts (fingerprint, alert_type, severity, status, key_id, \
      key_prefix, org_id, source_ip, started_at, last_seen_at, resolved_at, summary, evidence, \
      detected_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $10) \
      ON CONFLICT (fingerprint) DO UPDATE SET severity = excluded.severity, \
      status = CASE WHEN kw_alerts.status = 'benign' AND excluded.status = 'firing' \
-     THEN 'benign' ELSE excluded.status END, key_prefix = COALESCE(excluded.key_prefix, kw_alerts.key_prefix), \
+     AND excluded.started_at <= kw_alerts.last_seen_at THEN 'benign' ELSE excluded.status END, \
+     key_prefix = COALESCE(excluded.key_prefix, kw_alerts.key_prefix), \
      source_ip = COALESCE(excluded.source_ip, kw_alerts.source_ip), \
-     started_at = CASE WHEN kw_alerts.status = 'resolved' AND excluded.status = 'firing' \
+     started_at = CASE WHEN excluded.started_at > kw_alerts.last_seen_at \
      THEN excluded.started_at ELSE kw_alerts.started_at END, \
-     detected_at = CASE WHEN kw_alerts.status = 'resolved' AND excluded.status = 'firing' \
+     detected_at = CASE WHEN excluded.started_at > kw_alerts.last_seen_at \
      THEN excluded.detected_at ELSE COALESCE(kw_alerts.detected_at, excluded.detected_at) END, \
      last_seen_at = excluded.last_seen_at, resolved_at = excluded.resolved_at, \
      summary = excluded.summary, evidence = excluded.evidence";
