@@ -580,10 +580,18 @@ impl Traffic {
         *self.month_requests.entry(org).or_default() += n;
     }
 
+    /// Renders every family, then re-chooses the top K for what comes next: deciding after
+    /// rendering means every increment counted into an entity's own series is shown at least
+    /// once (at this scrape) before an eviction hides that series.
     fn families(&mut self, now: u32, wall: DateTime<Utc>) -> Vec<MetricFamily> {
+        let out = self.render(wall);
         self.keys.rebalance(now);
         self.orgs.rebalance(now);
         self.mcps.rebalance(now);
+        out
+    }
+
+    fn render(&self, wall: DateTime<Utc>) -> Vec<MetricFamily> {
         let mut out = Vec::with_capacity(CUSTOM.len());
         let class_series = |labels: &[(&str, &str)], c: &ClassCounts| {
             c.iter()
