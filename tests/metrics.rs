@@ -129,6 +129,18 @@ fn sum_of(s: &[Sample], name: &str) -> f64 {
     s.iter().filter(|x| x.name == name).map(|x| x.value).sum()
 }
 
+/// Every request is in exactly one series of each request family.
+fn assert_each_family_sums_to(s: &[Sample], want: u64) {
+    for family in [
+        "keywatch_requests_total",
+        "keywatch_key_requests_total",
+        "keywatch_organization_requests_total",
+        "keywatch_mcp_requests_total",
+    ] {
+        assert_eq!(sum_of(s, family), want as f64, "{family} sums to the input");
+    }
+}
+
 fn count_of(s: &[Sample], name: &str) -> usize {
     s.iter().filter(|x| x.name == name).count()
 }
@@ -259,19 +271,7 @@ fn a_scrape_of_a_loaded_daemon_passes_promtool_check_metrics() {
             "{base} has HELP and TYPE"
         );
     }
-    // Every request in exactly one series of each family.
-    for family in [
-        "keywatch_requests_total",
-        "keywatch_key_requests_total",
-        "keywatch_organization_requests_total",
-        "keywatch_mcp_requests_total",
-    ] {
-        assert_eq!(
-            sum_of(&s, family),
-            want as f64,
-            "{family} sums to the input"
-        );
-    }
+    assert_each_family_sums_to(&s, want);
     assert_eq!(
         sum_of(&s, "keywatch_request_duration_seconds_count"),
         want as f64
@@ -672,19 +672,7 @@ fn a_flood_of_100000_keys_in_1000_organizations_stays_bounded_and_exact() {
     );
     assert!(count_of(&s, "keywatch_key_requests_per_minute") <= 100);
     assert!(count_of(&s, "keywatch_organization_month_requests") <= 201);
-    // Totals are exact: every request in exactly one series of each family.
-    for family in [
-        "keywatch_requests_total",
-        "keywatch_key_requests_total",
-        "keywatch_organization_requests_total",
-        "keywatch_mcp_requests_total",
-    ] {
-        assert_eq!(
-            sum_of(&s, family),
-            lines as f64,
-            "{family} sums to the input"
-        );
-    }
+    assert_each_family_sums_to(&s, lines);
     let tracked = |family: &str| {
         s.iter()
             .find(|x| x.name == "keywatch_metrics_entities_tracked" && x.labels["family"] == family)

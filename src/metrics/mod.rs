@@ -792,29 +792,20 @@ impl Traffic {
         }
 
         // The bounds themselves.
-        let fams: [(&str, (u64, usize, usize, usize)); 3] = [
+        let fams: [(&str, [f64; 4]); 3] = [
             ("key", stats(&self.keys)),
             ("organization", stats(&self.orgs)),
             ("mcp", stats(&self.mcps)),
         ];
-        let per = |kind: MetricType, pick: &dyn Fn(&(u64, usize, usize, usize)) -> f64| {
+        let per = |kind: MetricType, i: usize| {
             fams.iter()
-                .map(|(name, s)| sample(kind, &[("family", name)], pick(s)))
+                .map(|(name, s)| sample(kind, &[("family", name)], s[i]))
                 .collect::<Vec<_>>()
         };
-        out.push(family(
-            &SERIES_FOLDED,
-            per(MetricType::COUNTER, &|s| s.0 as f64),
-        ));
-        out.push(family(
-            &ENTITIES_TRACKED,
-            per(MetricType::GAUGE, &|s| s.1 as f64),
-        ));
-        out.push(family(
-            &ENTITIES_EXPORTED,
-            per(MetricType::GAUGE, &|s| s.2 as f64),
-        ));
-        out.push(family(&TOP_LIMIT, per(MetricType::GAUGE, &|s| s.3 as f64)));
+        out.push(family(&SERIES_FOLDED, per(MetricType::COUNTER, 0)));
+        out.push(family(&ENTITIES_TRACKED, per(MetricType::GAUGE, 1)));
+        out.push(family(&ENTITIES_EXPORTED, per(MetricType::GAUGE, 2)));
+        out.push(family(&TOP_LIMIT, per(MetricType::GAUGE, 3)));
 
         // keywatch itself.
         let (mut lag, mut newest, mut read) = (Vec::new(), Vec::new(), Vec::new());
@@ -859,10 +850,14 @@ impl Traffic {
     }
 }
 
-fn stats<K: std::hash::Hash + Eq + Clone, E: Default>(
-    t: &TopK<K, E>,
-) -> (u64, usize, usize, usize) {
-    (t.folded(), t.tracked(), t.exported_count(), t.limit())
+/// Series folded, entities tracked, entities exported, the configured K.
+fn stats<K: std::hash::Hash + Eq + Clone, E: Default>(t: &TopK<K, E>) -> [f64; 4] {
+    [
+        t.folded() as f64,
+        t.tracked() as f64,
+        t.exported_count() as f64,
+        t.limit() as f64,
+    ]
 }
 
 fn alert_index(t: AlertType) -> usize {
