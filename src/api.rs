@@ -1,6 +1,7 @@
 //! HTTP: `/metrics` for Prometheus and `/healthz` for liveness, on the `--listen` address.
 //!
-//! Owns the routes and their responses. It serves on a listener it is given (so tests bind
+//! Owns the routes and their responses: `/metrics` answers in the Prometheus text format, or
+//! in OpenMetrics when `Accept` asks for it. It serves on a listener it is given (so tests bind
 //! port 0) until its shutdown token fires, reads state through shared handles, and never
 //! changes what the pipeline counts.
 
@@ -8,13 +9,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
 use crate::store::Store;
 
 /// What the handlers read.
@@ -44,14 +45,24 @@ pub async fn serve(
         .await
 }
 
-async fn metrics(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
+async fn metrics(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::from_accept(accept);
+    match s.metrics.render(format) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, format.content_type())],
+            body,
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not render /metrics.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("{e}\n"),
+            )
+        }
+    }
 }
 
 async fn healthz() -> &'static str {

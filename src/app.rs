@@ -49,9 +49,9 @@ impl SourceSpec {
 
 /// Loads the key cache and reports its size.
 pub async fn load_keys(store: &Store, metrics: &Metrics) -> Result<Arc<SharedKeys>, StoreError> {
-    let cache = store.key_cache().await?;
-    metrics.key_cache_loaded(&cache);
-    Ok(SharedKeys::new(cache))
+    let keys = SharedKeys::new(store.key_cache().await?);
+    metrics.key_cache_loaded(&keys.get());
+    Ok(keys)
 }
 
 /// Runs `specs` through one pipeline until every source ends (batch mode) or `shutdown`.
@@ -143,6 +143,8 @@ pub struct DaemonSettings {
     pub geo: Option<Arc<crate::geo::GeoDb>>,
     /// The detector settings (from `alerts.toml`).
     pub detectors: crate::detect::Settings,
+    /// How many keys, organizations and MCPs /metrics labels.
+    pub metrics: crate::metrics::Limits,
 }
 
 /// The daemon: sources followed forever, keys refreshed, HTTP served, until `shutdown`.
@@ -152,8 +154,9 @@ pub async fn run_daemon(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let metrics = Metrics::new();
+    let metrics = Metrics::with_limits(settings.metrics);
     let keys = load_keys(&store, &metrics).await?;
+    seed_metrics(&store, &metrics, settings.geo.as_deref()).await;
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
@@ -210,6 +213,22 @@ pub async fn run_daemon(
     match source_err {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// Gives the metrics what the pipeline does not see: the GeoIP databases in use, and the
+/// month-to-date counts committed before this process started. A failure is logged: it costs
+/// only the month-to-date gauges their earlier counts.
+async fn seed_metrics(store: &Store, metrics: &Metrics, geo: Option<&crate::geo::GeoDb>) {
+    if let Some(g) = geo {
+        metrics.geoip_loaded(g);
+    }
+    let now = chrono::Utc::now();
+    match crate::report::month_to_date(store, now).await {
+        Ok(counts) => metrics.seed_month_to_date(now, &counts),
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not read month-to-date usage; the metrics count this month from now.")
+        }
     }
 }
 

@@ -134,6 +134,47 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub lateness: std::time::Duration,
+
+    /// Keys with series of their own on /metrics: the busiest by recent traffic; the rest are
+    /// summed in one "other" series. Each key costs 7 series.
+    #[arg(
+        long,
+        env = "KEYWATCH_METRICS_TOP_KEYS",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(0..=10_000),
+        value_name = "N"
+    )]
+    pub metrics_top_keys: u32,
+
+    /// Organizations with series of their own on /metrics (8 series each).
+    #[arg(
+        long,
+        env = "KEYWATCH_METRICS_TOP_ORGS",
+        default_value_t = 200,
+        value_parser = clap::value_parser!(u32).range(0..=10_000),
+        value_name = "N"
+    )]
+    pub metrics_top_orgs: u32,
+
+    /// MCPs with series of their own on /metrics (5 series each).
+    #[arg(
+        long,
+        env = "KEYWATCH_METRICS_TOP_MCPS",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(0..=10_000),
+        value_name = "N"
+    )]
+    pub metrics_top_mcps: u32,
+
+    /// How long a key, organization or MCP without requests keeps its series on /metrics.
+    #[arg(
+        long,
+        env = "KEYWATCH_METRICS_IDLE_EXPIRY",
+        default_value = "24h",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub metrics_idle_expiry: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

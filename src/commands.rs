@@ -55,6 +55,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 key_refresh: args.key_refresh,
                 lateness: args.lateness,
                 detectors: alerts.detector_settings(),
+                metrics: crate::metrics::Limits {
+                    top_keys: args.metrics_top_keys as usize,
+                    top_orgs: args.metrics_top_orgs as usize,
+                    top_mcps: args.metrics_top_mcps as usize,
+                    idle_expiry: args.metrics_idle_expiry,
+                },
             };
             app::run_daemon(store, settings, CancellationToken::new()).await
         }
@@ -1136,7 +1142,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
             )
         })?;
     let metrics = Metrics::new();
-    metrics.key_cache_loaded(&cache);
+    metrics.key_cache_loaded(&Arc::new(cache));
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {

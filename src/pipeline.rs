@@ -229,6 +229,7 @@ impl Pipeline {
         let mut line_no = chunk.first_line_no;
         let mut accepted = 0u64;
         let mut asked_refresh = false;
+        let mut metrics_tally = crate::metrics::ChunkTally::default();
         for line in chunk.data.split_inclusive(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\n").unwrap_or(line);
             let this_line = line_no;
@@ -297,6 +298,7 @@ impl Pipeline {
                 rec.request_size_bytes,
                 rec.response_size_bytes,
             );
+            metrics_tally.request(at, rec.http_status_code, rec.latency_ms);
             // Detectors run on event time within the lateness bound; later lines are counted
             // above but would rewrite windows the detectors have already closed.
             if let Some(d) = self.detection.as_mut().filter(|_| !late) {
@@ -341,6 +343,12 @@ impl Pipeline {
         self.stats.accepted += accepted;
         self.stats.bytes += chunk.data.len() as u64;
         self.metrics.lines_accepted(&chunk.source, accepted);
+        self.metrics.chunk_read(&chunk.source, &metrics_tally);
+        let rate = self
+            .detection
+            .as_ref()
+            .and_then(|d| d.detectors.rate.as_ref());
+        self.metrics.detector_subjects(rate.map(|r| r.subjects()));
         self.pending_lines += line_no - chunk.first_line_no;
         if let Some(cp) = &chunk.checkpoint {
             self.checkpoints
@@ -423,6 +431,7 @@ impl Pipeline {
             .batch_committed(started.elapsed(), result.is_ok());
         match result {
             Ok(()) => {
+                self.metrics.absorb(&self.batch);
                 self.batch = Batch::default();
                 self.pending_lines = 0;
                 self.stats.commits += 1;
