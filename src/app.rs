@@ -104,7 +104,10 @@ pub async fn run_sources(
     if let Some(p) = progress {
         pipeline = pipeline.with_progress(p);
     }
-    if let Some(d) = detection {
+    if let Some(mut d) = detection {
+        if let Some(t) = d.notify.take() {
+            pipeline = pipeline.with_notifications(t);
+        }
         pipeline = pipeline.with_detection(d);
     }
     let sources_done = async {
@@ -145,6 +148,33 @@ pub struct DaemonSettings {
     pub detectors: crate::detect::Settings,
     /// How many keys, organizations and MCPs /metrics labels.
     pub metrics: crate::metrics::Limits,
+    /// Alert delivery: settings and receivers (from `alerts.toml` and the environment).
+    pub notify: Option<Notify>,
+}
+
+/// Alert delivery, ready to start.
+#[derive(Clone)]
+pub struct Notify {
+    pub settings: Arc<crate::notify::NotifySettings>,
+    pub receivers: std::collections::HashMap<String, Arc<dyn crate::notify::Receiver>>,
+    pub clock: Arc<dyn crate::notify::Clock>,
+}
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notify")
+            .field("receivers", &self.receivers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// What the pipeline needs to queue notifications: the alerts the store already announced.
+pub async fn change_tracker(store: &Store) -> Result<crate::notify::ChangeTracker, StoreError> {
+    let open = store.open_alerts().await?;
+    Ok(crate::notify::ChangeTracker::new(
+        open.into_iter()
+            .filter_map(|(fp, sev)| Some((fp, crate::notify::route::parse_severity(&sev)?))),
+    ))
 }
 
 /// The daemon: sources followed forever, keys refreshed, HTTP served, until `shutdown`.
@@ -176,6 +206,25 @@ pub async fn run_daemon(
         shutdown.child_token(),
     ));
     spawn_signal_handlers(Arc::clone(&keys), shutdown.clone());
+    // Delivery stops last: after reading stopped and the last batch (and its outbox rows)
+    // was committed.
+    let delivery_stop = CancellationToken::new();
+    let delivery = match &settings.notify {
+        Some(n) => Some(tokio::spawn(crate::notify::run_delivery(
+            store.clone(),
+            Arc::clone(&n.settings),
+            n.receivers.clone(),
+            Arc::clone(&n.clock),
+            metrics.clone(),
+            delivery_stop.clone(),
+        ))),
+        None => None,
+    };
+    let mut detection =
+        build_detection(&store, &settings.detectors, settings.geo.clone(), false).await?;
+    if settings.notify.is_some() {
+        detection.notify = Some(change_tracker(&store).await?);
+    }
     let file_opts = FileOptions {
         follow: true,
         start_at_end: settings.start_at_end,
@@ -195,9 +244,17 @@ pub async fn run_daemon(
         opts,
         shutdown.clone(),
         None,
-        Some(build_detection(&store, &settings.detectors, settings.geo.clone(), false).await?),
+        Some(detection),
     )
     .await?;
+    delivery_stop.cancel();
+    if let Some(d) = delivery {
+        match d.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "Alert delivery stopped with an error."),
+            Err(e) => tracing::warn!(error = %e, "The alert delivery task failed."),
+            Ok(Ok(())) => {}
+        }
+    }
     tracing::info!(
         accepted = stats.accepted,
         rejected = stats.rejected_total(),
@@ -318,7 +375,11 @@ pub async fn build_detection(
             quota.seed(org, at, count, levels);
         }
     }
-    Ok(Detection { detectors, geo })
+    Ok(Detection {
+        detectors,
+        geo,
+        notify: None,
+    })
 }
 
 #[cfg(test)]

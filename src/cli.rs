@@ -84,6 +84,47 @@ pub enum Command {
     /// Act on an alert.
     #[command(subcommand)]
     Alert(AlertCommand),
+    /// Silence alerts: matching alerts are still recorded, but not sent, until the silence
+    /// expires.
+    #[command(subcommand)]
+    Silence(SilenceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SilenceCommand {
+    /// Add a silence; prints its id. At least one matcher is needed.
+    Add {
+        /// Alert types (repeat or comma-separate), for example rate_spike.
+        #[arg(long = "type", value_delimiter = ',', value_name = "TYPE")]
+        types: Vec<String>,
+        /// Severities: info, low, medium, high, critical.
+        #[arg(long = "severity", value_delimiter = ',', value_name = "SEVERITY")]
+        severities: Vec<String>,
+        /// Organization ids.
+        #[arg(long = "org", value_delimiter = ',', value_name = "ORG")]
+        orgs: Vec<String>,
+        /// Key ids or prefixes.
+        #[arg(long = "key", value_delimiter = ',', value_name = "KEY")]
+        keys: Vec<String>,
+        /// How long the silence lasts (30m, 4h, 7d).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        expires_in: std::time::Duration,
+        /// Why, kept with the silence.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the silences in force (with --all, expired ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// End a silence now.
+    Expire {
+        /// The silence's id (as `silence list` prints it).
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -192,8 +233,13 @@ pub struct IngestArgs {
     /// --format; nothing is stored (no counts, no checkpoints, no alerts) and nothing is sent.
     /// Checkpoints are ignored, so every file is read from its beginning: the way to tune
     /// alerts.toml on real history.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "notify")]
     pub dry_run: bool,
+
+    /// Also queue and deliver notifications for the alerts it raises (a backfill does not
+    /// page anyone unless asked). It waits for the groups' first notifications (group_wait).
+    #[arg(long)]
+    pub notify: bool,
 
     #[command(flatten)]
     pub alerts: AlertsFile,

@@ -20,13 +20,14 @@ use uuid::Uuid;
 use crate::app::{self, DaemonSettings, SourceSpec};
 use crate::cli::{
     AlertCommand, AlertsArgs, AlertsFile, BucketArg, Cli, Command, DemoArgs, Format, IngestArgs,
-    KeysCommand, KeysCreateArgs, OrgsCommand, ReportCommand, SimulateArgs, TierArg, TimeRange,
-    UsageArgs,
+    KeysCommand, KeysCreateArgs, OrgsCommand, ReportCommand, SilenceCommand, SimulateArgs, TierArg,
+    TimeRange, UsageArgs,
 };
 use crate::detect::Settings as DetectorSettings;
 use crate::geo::GeoDb;
 use crate::keys::{KeyCache, NewKey};
 use crate::metrics::Metrics;
+use crate::notify::SystemClock;
 use crate::pipeline::{IngestStats, PipelineOptions};
 use crate::report::{self, GroupBy, KeyFilter, UsageQuery, UsageRow};
 use crate::source::file::FileOptions;
@@ -46,8 +47,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow!(e))?;
             let alerts = load_alerts(&args.alerts)?;
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
+            let notify = notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
             let store = Store::open(&g.database_url).await?;
             let settings = DaemonSettings {
+                notify: Some(notify),
                 geo,
                 sources,
                 listen: args.listen,
@@ -140,6 +143,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{} is valid.", file.display());
             Ok(())
         }
+        Command::Silence(cmd) => {
+            let store = Store::open(&g.database_url).await?;
+            silence(&store, cmd).await
+        }
         Command::Alert(AlertCommand::Benign { id, reason }) => {
             let store = Store::open(&g.database_url).await?;
             if !store.mark_benign(&id, &reason).await? {
@@ -150,6 +157,138 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!(
                 "Alert {id} is marked benign; a location it names is learned by its key at the next start."
             );
+            Ok(())
+        }
+    }
+}
+
+/// Alert delivery for `alerts`: its settings and receivers, with the environment read and
+/// relative mailboxes in `dir`.
+fn notify_for(
+    alerts: &crate::config::AlertsConfig,
+    dir: &Path,
+    clock: Arc<dyn crate::notify::Clock>,
+) -> anyhow::Result<app::Notify> {
+    let settings = Arc::new(alerts.notify_settings()?);
+    let receivers = crate::notify::receivers(&settings, dir).map_err(|e| anyhow!(e))?;
+    Ok(app::Notify {
+        settings,
+        receivers,
+        clock,
+    })
+}
+
+/// Delivers what the outbox holds, waiting (on `clock`) for the groups' first notifications.
+async fn deliver_now(
+    store: &Store,
+    notify: &app::Notify,
+    manual: Option<crate::notify::ManualClock>,
+) -> anyhow::Result<usize> {
+    let r = &notify.settings.router;
+    let wait = r
+        .routes
+        .iter()
+        .chain(std::iter::once(&r.default))
+        .map(|x| x.group_wait)
+        .max()
+        .unwrap_or_default();
+    // A replay (manual clock) also sends the groups' follow-ups due after the last change.
+    let interval = match manual {
+        Some(_) => r
+            .routes
+            .iter()
+            .chain(std::iter::once(&r.default))
+            .map(|x| x.group_interval)
+            .max()
+            .unwrap_or_default(),
+        None => std::time::Duration::ZERO,
+    };
+    let settle = chrono::Duration::from_std(wait + interval).unwrap_or_default()
+        + chrono::Duration::seconds(2);
+    Ok(crate::notify::drain(
+        store.clone(),
+        Arc::clone(&notify.settings),
+        notify.receivers.clone(),
+        Arc::clone(&notify.clock),
+        manual,
+        settle,
+    )
+    .await?)
+}
+
+async fn silence(store: &Store, cmd: SilenceCommand) -> anyhow::Result<()> {
+    let now = Utc::now();
+    match cmd {
+        SilenceCommand::Add {
+            types,
+            severities,
+            orgs,
+            keys,
+            expires_in,
+            reason,
+        } => {
+            let matchers = crate::notify::config::StoredMatchers {
+                types,
+                severities,
+                orgs,
+                keys,
+            };
+            let checked = matchers.check().map_err(|e| anyhow!(e))?;
+            if checked.is_empty() {
+                bail!("a silence needs at least one matcher: --type, --severity, --org or --key");
+            }
+            let expires = chrono::Duration::from_std(expires_in)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .ok_or_else(|| anyhow!("--expires-in is too long"))?;
+            let s = crate::store::StoredSilence {
+                id: Uuid::new_v4().to_string(),
+                matchers,
+                reason,
+                created_at: now,
+                expires_at: expires,
+            };
+            store.add_silence(&s).await?;
+            println!("{}", s.id);
+            eprintln!(
+                "Silenced until {}: matching alerts are recorded but not sent.",
+                s.expires_at.to_rfc3339()
+            );
+            Ok(())
+        }
+        SilenceCommand::List { all, format } => {
+            let list = store.silences(now, all).await?;
+            if format == Format::Json {
+                println!("{}", json!({"success": true, "data": list}));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .into_iter()
+                .map(|s| {
+                    let m = &s.matchers;
+                    let mut parts = Vec::new();
+                    for (k, v) in [
+                        ("type", &m.types),
+                        ("severity", &m.severities),
+                        ("org", &m.orgs),
+                        ("key", &m.keys),
+                    ] {
+                        if !v.is_empty() {
+                            parts.push(format!("{k}={}", v.join("|")));
+                        }
+                    }
+                    vec![s.id, parts.join(" "), s.expires_at.to_rfc3339(), s.reason]
+                })
+                .collect();
+            print_rows(&["id", "matchers", "expires", "reason"], &rows, format)
+        }
+        SilenceCommand::Expire { id } => {
+            if !store.expire_silence(&id, now).await? {
+                bail!(
+                    "there is no silence {id:?} in force (keywatch silence list shows their ids)"
+                );
+            }
+            eprintln!("Silence {id} expired.");
             Ok(())
         }
     }
@@ -187,11 +326,17 @@ async fn ingest(store: &Store, args: &IngestArgs, geo: Option<Arc<GeoDb>>) -> an
         total_bytes += meta.len();
         specs.push(SourceSpec::File(f.clone()));
     }
-    let settings = load_alerts(&args.alerts)?.detector_settings();
+    let alerts = load_alerts(&args.alerts)?;
+    let settings = alerts.detector_settings();
+    let notify = match args.notify {
+        true => Some(notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?),
+        false => None,
+    };
     let show_progress = !args.no_progress && std::io::stderr().is_terminal();
     let run = IngestRun {
         settings: &settings,
         dry_run: args.dry_run,
+        notify: args.notify,
         total_bytes,
         show_progress,
     };
@@ -207,6 +352,14 @@ async fn ingest(store: &Store, args: &IngestArgs, geo: Option<Arc<GeoDb>>) -> an
         return print_alerts(&alerts, args.format);
     }
     print_ingest_summary(&stats, took, args.format)?;
+    if let Some(n) = &notify {
+        let sent = deliver_now(store, n, None).await?;
+        let left = store.outbox_depth().await?;
+        eprintln!(
+            "Notifications: {sent} delivered; {} waiting for `keywatch run` (retries, later group messages).",
+            left.pending + left.changes
+        );
+    }
     Ok(())
 }
 
@@ -242,6 +395,8 @@ fn dry_run_alerts(findings: &[crate::detect::Finding]) -> Vec<crate::store::Stor
 struct IngestRun<'a> {
     settings: &'a DetectorSettings,
     dry_run: bool,
+    /// Queue notifications for the alerts raised.
+    notify: bool,
     /// For the progress bar.
     total_bytes: u64,
     show_progress: bool,
@@ -273,6 +428,10 @@ async fn ingest_sources(
             b.set_message(format!("{} lines", group_digits(lines)));
         }) as crate::pipeline::Progress
     });
+    let mut detection = app::build_detection(store, run.settings, geo, run.dry_run).await?;
+    if run.notify && !run.dry_run {
+        detection.notify = Some(app::change_tracker(store).await?);
+    }
     let started = Instant::now();
     let file_opts = FileOptions {
         follow: false,
@@ -290,7 +449,7 @@ async fn ingest_sources(
         },
         CancellationToken::new(),
         progress,
-        Some(app::build_detection(store, run.settings, geo, run.dry_run).await?),
+        Some(detection),
     )
     .await?;
     if let Some(b) = bar {
@@ -1084,9 +1243,21 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         .map(|m| m.len())
         .unwrap_or(0);
     let settings = DetectorSettings::default();
+    let mbox = args.dir.join("keywatch-alerts.mbox");
+    if mbox.exists() {
+        std::fs::remove_file(&mbox).with_context(|| format!("cannot remove {}", mbox.display()))?;
+    }
+    // The demo's clock jumps to each delivery timer instead of waiting for it.
+    let clock = crate::notify::ManualClock::new(stats.start);
+    let notify = notify_for(
+        &crate::config::AlertsConfig::default(),
+        &args.dir,
+        Arc::new(clock.clone()),
+    )?;
     let run = IngestRun {
         settings: &settings,
         dry_run: false,
+        notify: true,
         total_bytes: size,
         show_progress: std::io::stderr().is_terminal(),
     };
@@ -1127,6 +1298,15 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         .await?;
     println!("\nAlerts raised by the detectors ({}):", alerts.len());
     print_alerts(&alerts, Format::Table)?;
+    let sent = deliver_now(&store, &notify, Some(clock)).await?;
+    if std::env::var("KEYWATCH_SMTP_URL").is_ok_and(|u| !u.trim().is_empty()) {
+        println!("\n{sent} alert emails sent through KEYWATCH_SMTP_URL.");
+    } else {
+        println!(
+            "\n{sent} alert emails written to {} (set KEYWATCH_SMTP_URL, KEYWATCH_ALERT_FROM and KEYWATCH_ALERT_TO to send them).",
+            mbox.display()
+        );
+    }
     println!(
         "\nAsk more with: keywatch --database-url {url} report usage --group-by org --since 24h"
     );

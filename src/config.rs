@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use crate::detect::Settings;
 use crate::detect::allow::{AllowRule, Allowlist};
+use crate::notify::NotifySettings;
+use crate::notify::config::{DeliveryRaw, Receivers, RouteRaw, SilenceRaw};
 
 /// What `alerts.toml` holds: the detector settings and the allowlists. `deny_unknown_fields`
 /// everywhere keeps a misspelt setting from being ignored silently.
@@ -21,6 +23,17 @@ pub struct AlertsConfig {
     pub detectors: Settings,
     /// `[[allow]]`: known-good places per key or organization.
     pub allow: Vec<AllowRule>,
+    /// `[delivery]`: how the sender retries.
+    pub delivery: DeliveryRaw,
+    /// `[[receivers]]`: where notifications go (default: one email receiver configured by
+    /// the environment).
+    pub receivers: Receivers,
+    /// `[route]`: the default route, and the timing every route inherits.
+    pub route: RouteRaw,
+    /// `[[routes]]`: routes tried in order before the default one.
+    pub routes: Vec<RouteRaw>,
+    /// `[[silences]]`: alerts recorded but not sent, until each silence expires.
+    pub silences: Vec<SilenceRaw>,
 }
 
 /// A mistake in the configuration file.
@@ -69,7 +82,57 @@ impl AlertsConfig {
                 return Err(invalid(span, format!("allow[{i}].{setting}: {message}")));
             }
         }
+        if let Err(errors) = cfg.check_notify() {
+            // Every delivery mistake at once, each at its place.
+            let messages: Vec<String> = errors
+                .iter()
+                .map(|e| {
+                    let steps: Vec<Step<'_>> = e
+                        .path
+                        .iter()
+                        .map(|p| match p.parse::<usize>() {
+                            Ok(i) => Step::Index(i),
+                            Err(_) => Step::Key(p),
+                        })
+                        .collect();
+                    let span = (0..=steps.len())
+                        .rev()
+                        .find_map(|n| span_of(text, &steps[..n]).filter(|_| n > 0));
+                    let (line, col) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+                    let at = dotted(&e.path);
+                    format!("line {line}, column {col}: {at}: {}", e.message)
+                })
+                .collect();
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: messages.join(&format!("\n{path}: ")),
+            });
+        }
         Ok(cfg)
+    }
+
+    fn check_notify(
+        &self,
+    ) -> Result<NotifySettings, Vec<crate::notify::config::NotifyConfigError>> {
+        NotifySettings::check(
+            &self.delivery,
+            &self.receivers,
+            &self.route,
+            &self.routes,
+            &self.silences,
+        )
+    }
+
+    /// The validated delivery settings (receivers, routes, silences, retry policy).
+    pub fn notify_settings(&self) -> Result<NotifySettings, ConfigError> {
+        self.check_notify().map_err(|es| ConfigError::Invalid {
+            path: "alerts.toml".into(),
+            message: es
+                .into_iter()
+                .map(|e| format!("{}: {}", dotted(&e.path), e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 
     /// Reads and parses a file. A missing default file is the default configuration.
@@ -123,6 +186,22 @@ fn span_of(text: &str, path: &[Step<'_>]) -> Option<Range<usize>> {
         };
     }
     Some(span)
+}
+
+/// `routes.1.receiver` as `routes[1].receiver`.
+fn dotted(path: &[String]) -> String {
+    let mut out = String::new();
+    for p in path {
+        if p.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{p}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(p);
+        }
+    }
+    out
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! [`pipeline`] drives those stages and commits each batch of counts with the checkpoints of
-//! the sources it covers. Beside the pipeline: [`store`] (all SQL, both dialects),
+//! the sources it covers, and with the alert changes worth telling someone about, which
+//! [`notify`] then routes, groups and delivers from the outbox (detect → alert → notify). Beside the pipeline: [`store`] (all SQL, both dialects),
 //! [`report`] (the query layer the CLI and the API share), [`metrics`] (every metric),
 //! [`api`] (HTTP: /metrics, /healthz), [`geo`] (GeoIP lookups), [`simulate`] (synthetic
 //! traffic for the demo, tests and benchmarks), [`cli`] (flags only) and [`commands`] (what
@@ -26,6 +27,7 @@ pub mod event;
 pub mod geo;
 pub mod keys;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod report;
 pub mod simulate;

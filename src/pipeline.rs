@@ -3,7 +3,8 @@
 //! Owns the order of the stages and the batching policy: chunks from every source come in on
 //! one bounded channel, each line is parsed, resolved against the key cache and counted into
 //! the current batch, and the batch is committed with the sources' checkpoints in one
-//! transaction. The stages themselves live in their modules (`event`, `keys`, `usage`); this
+//! transaction (with the alerts the detectors raised and, when notifications are on, the
+//! changes among them worth telling someone about). The stages themselves live in their modules (`event`, `keys`, `usage`); this
 //! file only drives them, and it never reads a file or writes SQL.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -20,6 +21,7 @@ use crate::event::{self, RejectReason};
 use crate::geo::{GeoDb, Location};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
+use crate::notify::{AlertChange, ChangeTracker};
 use crate::source::{Checkpoint, Chunk};
 use crate::store::{Batch, DeadLetter, Store, StoreError};
 
@@ -104,6 +106,8 @@ impl SharedKeys {
 pub struct Detection {
     pub detectors: Detectors,
     pub geo: Option<Arc<GeoDb>>,
+    /// When set, the alert changes worth a notification are queued in the outbox.
+    pub notify: Option<ChangeTracker>,
 }
 
 /// When to commit, and what counts as on time.
@@ -179,6 +183,19 @@ pub struct Pipeline {
     detection: Option<Detection>,
     /// Called after each chunk with the bytes and lines processed so far (a progress bar).
     on_progress: Option<Progress>,
+    /// When notifications are on: which findings open, raise or resolve an alert.
+    changes: Option<ChangeTracker>,
+}
+
+/// Queues the notification-worthy change `f` makes, when notifications are on.
+fn queue_change(
+    tracker: Option<&mut ChangeTracker>,
+    batch: &mut Batch,
+    f: &crate::detect::Finding,
+) {
+    if let Some(kind) = tracker.and_then(|t| t.observe(f)) {
+        batch.changes.push(AlertChange::from_finding(kind, f));
+    }
 }
 
 impl Pipeline {
@@ -202,7 +219,15 @@ impl Pipeline {
             last_flush: Instant::now(),
             on_progress: None,
             detection: None,
+            changes: None,
         }
+    }
+
+    /// Queues a notification for every alert a finding opens, raises or resolves, in the same
+    /// transaction as the alert; `tracker` knows the alerts already announced.
+    pub fn with_notifications(mut self, tracker: ChangeTracker) -> Pipeline {
+        self.changes = Some(tracker);
+        self
     }
 
     /// Runs every accepted, on-time line through the detectors too.
@@ -330,6 +355,7 @@ impl Pipeline {
                 };
                 for f in d.detectors.observe(&obs, &ctx) {
                     self.stats.alerts.insert(f.fingerprint());
+                    queue_change(self.changes.as_mut(), &mut self.batch, &f);
                     self.batch.findings.push(f);
                 }
             }
@@ -337,6 +363,7 @@ impl Pipeline {
         if let (Some(d), Some(w)) = (self.detection.as_mut(), self.watermark) {
             for f in d.detectors.tick(w) {
                 self.stats.alerts.insert(f.fingerprint());
+                queue_change(self.changes.as_mut(), &mut self.batch, &f);
                 self.batch.findings.push(f);
             }
         }

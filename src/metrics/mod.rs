@@ -1004,6 +1004,8 @@ pub struct Metrics {
     key_cache_keys: IntGauge,
     key_cache_orgs: IntGauge,
     key_cache_loaded: IntGauge,
+    outbox_depth: IntGauge,
+    notifications: IntCounterVec,
     traffic: Arc<Mutex<Traffic>>,
     started: Instant,
 }
@@ -1072,6 +1074,19 @@ impl Metrics {
             "When the key cache was last loaded, as a Unix time.",
         )
         .expect("valid metric");
+        let outbox_depth = IntGauge::new(
+            "keywatch_notify_outbox_depth",
+            "Alert changes and notifications waiting in the outbox (not yet delivered).",
+        )
+        .expect("valid metric");
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                "keywatch_notifications_total",
+                "Delivery attempts by receiver and outcome: sent, retried (a retryable failure), failed (given up).",
+            ),
+            &["receiver", "outcome"],
+        )
+        .expect("valid metric");
         let traffic = Arc::new(Mutex::new(Traffic::new(&limits)));
         let started = Instant::now();
         let collector = TrafficCollector {
@@ -1094,6 +1109,8 @@ impl Metrics {
             Box::new(key_cache_keys.clone()),
             Box::new(key_cache_orgs.clone()),
             Box::new(key_cache_loaded.clone()),
+            Box::new(outbox_depth.clone()),
+            Box::new(notifications.clone()),
             Box::new(collector),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -1113,9 +1130,33 @@ impl Metrics {
             key_cache_keys,
             key_cache_orgs,
             key_cache_loaded,
+            outbox_depth,
+            notifications,
             traffic,
             started,
         }
+    }
+
+    /// Creates the delivery series of every configured receiver at 0, so they exist from
+    /// start-up (the set of receivers is bounded by the configuration).
+    pub fn notify_receivers<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for n in names {
+            for outcome in ["sent", "retried", "failed"] {
+                self.notifications.with_label_values(&[n, outcome]);
+            }
+        }
+    }
+
+    /// Counts one delivery attempt of `receiver` (`sent`, `retried` or `failed`).
+    pub fn notification(&self, receiver: &str, outcome: &'static str) {
+        self.notifications
+            .with_label_values(&[receiver, outcome])
+            .inc();
+    }
+
+    /// Sets how much waits in the outbox.
+    pub fn outbox_depth(&self, n: u64) {
+        self.outbox_depth.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     fn traffic(&self) -> std::sync::MutexGuard<'_, Traffic> {

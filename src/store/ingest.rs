@@ -35,6 +35,8 @@ pub struct Batch {
     pub dead_letters: Vec<DeadLetter>,
     /// Alerts opened, updated or resolved by the lines of the batch.
     pub findings: Vec<crate::detect::Finding>,
+    /// The changes among them worth a notification, queued in the outbox with them.
+    pub changes: Vec<crate::notify::AlertChange>,
 }
 
 impl Batch {
@@ -43,6 +45,7 @@ impl Batch {
             && self.checkpoints.is_empty()
             && self.dead_letters.is_empty()
             && self.findings.is_empty()
+            && self.changes.is_empty()
     }
 }
 
@@ -112,7 +115,7 @@ macro_rules! push_usage_rows {
 
 impl Store {
     /// Commits a batch atomically: usage added to the rollup tables, checkpoints replaced,
-    /// dead letters appended.
+    /// dead letters appended, alerts upserted and their changes queued in the outbox.
     pub async fn commit_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         let now = Utc::now();
         with_pool!(self, p => {
@@ -159,6 +162,7 @@ impl Store {
                 .context("keeping a refused line")?;
             }
             super::alerts::upsert_findings!(&mut tx, &batch.findings)?;
+            super::notify::insert_changes!(&mut tx, &batch.changes, now)?;
             tx.commit().await.context("committing a batch")
         })
     }

@@ -10,11 +10,13 @@
 pub(crate) mod alerts;
 mod ingest;
 pub(crate) mod keys;
+mod notify;
 mod report;
 
 pub use alerts::{BenignPlace, StoredAlert};
 pub use ingest::{Batch, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
+pub use notify::{OutboxDepth, QueuedNotification, StoredSilence};
 pub use report::{SegmentQuery, UsageAggregate};
 
 use std::str::FromStr;

@@ -1,0 +1,144 @@
+//! The dispatcher: reads alert changes from the outbox, runs them through routing, grouping,
+//! silences, inhibition and the rate limit ([`Grouper`]), renders what is due and queues it for
+//! the sender, marking the changes dispatched and saving the grouping state in the same
+//! transaction. A thin async shell: every decision is in the pure stages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::group::Grouper;
+use super::silence::{Inhibitors, Silence};
+use super::{AlertChange, Clock, NotifySettings};
+use crate::store::{Store, StoreError};
+
+/// How often the outbox is looked at when no timer is due sooner.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// The dispatcher's state: the groups, as last committed.
+pub struct Dispatcher {
+    store: Store,
+    settings: Arc<NotifySettings>,
+    clock: Arc<dyn Clock>,
+    grouper: Grouper,
+    /// Changes taken per step (1 when a replay's clock follows them).
+    pub batch: i64,
+}
+
+impl Dispatcher {
+    /// Loads the saved grouping state.
+    pub async fn load(
+        store: Store,
+        settings: Arc<NotifySettings>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Dispatcher, StoreError> {
+        let grouper = saved(&store).await?;
+        Ok(Dispatcher {
+            store,
+            settings,
+            clock,
+            grouper,
+            batch: 500,
+        })
+    }
+
+    /// One pass: takes new changes, sends what is due. Returns when it next has work.
+    pub async fn step(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let now = self.clock.now();
+        let changes = self.store.pending_changes(self.batch).await?;
+        let router = &self.settings.router;
+        for (_, c) in &changes {
+            self.grouper.add(router, c, now);
+        }
+        let silences = self.silences(now).await?;
+        let inhibitors = inhibitors(&self.grouper);
+        let muted =
+            |a: &AlertChange| inhibitors.inhibits(a) || silences.iter().any(|s| s.mutes(a, now));
+        let limits: std::collections::HashMap<&str, u32> = self
+            .settings
+            .receivers
+            .iter()
+            .map(|r| (r.name.as_str(), r.rate_limit_per_hour))
+            .collect();
+        let limit = |r: &str| limits.get(r).copied().unwrap_or(20);
+        let drafts = self.grouper.step(router, now, &muted, &limit);
+        let next = self.grouper.next_deadline(router, &muted);
+        if changes.is_empty() && drafts.is_empty() {
+            return Ok(next);
+        }
+        let notes: Vec<_> = drafts
+            .iter()
+            .map(|d| super::render::render(d, now))
+            .collect();
+        let ids: Vec<i64> = changes.iter().map(|(id, _)| *id).collect();
+        let state = serde_json::to_string(&self.grouper).unwrap_or_else(|_| "{}".into());
+        if let Err(e) = self.store.commit_dispatch(&ids, &state, &notes, now).await {
+            // What was not committed did not happen: start again from the saved state.
+            self.grouper = saved(&self.store).await.unwrap_or_default();
+            return Err(e);
+        }
+        for n in &notes {
+            tracing::info!(receiver = %n.receiver, subject = %n.subject, "Queued a notification.");
+        }
+        Ok(next)
+    }
+
+    async fn silences(&self, now: DateTime<Utc>) -> Result<Vec<Silence>, StoreError> {
+        let mut out = self.settings.silences.clone();
+        for s in self.store.silences(now, false).await? {
+            match s.matchers.check() {
+                Ok(m) => out.push(Silence {
+                    id: s.id,
+                    matchers: m,
+                    reason: s.reason,
+                    expires_at: s.expires_at,
+                }),
+                Err(e) => tracing::warn!(silence = %s.id, error = %e, "Ignoring a stored silence."),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs until `shutdown`, logging errors and trying again.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let wait = match self.step().await {
+                Ok(next) => next
+                    .map(|t| (t - self.clock.now()).to_std().unwrap_or(Duration::ZERO))
+                    .unwrap_or(POLL)
+                    .min(POLL),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not dispatch notifications; will retry.");
+                    Duration::from_secs(5)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
+            }
+        }
+    }
+}
+
+async fn saved(store: &Store) -> Result<Grouper, StoreError> {
+    Ok(match store.notify_state().await? {
+        Some(s) => serde_json::from_str(&s).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "The saved notification groups do not parse; starting afresh.");
+            Grouper::default()
+        }),
+        None => Grouper::default(),
+    })
+}
+
+/// The critical alerts firing in any group.
+fn inhibitors(g: &Grouper) -> Inhibitors {
+    let mut i = Inhibitors::default();
+    for group in g.groups.values() {
+        for a in group.alerts.values().filter(|a| a.firing) {
+            i.observe(&a.change);
+        }
+    }
+    i
+}

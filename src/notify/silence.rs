@@ -1,0 +1,134 @@
+//! Silences and inhibition: which alerts are recorded but not sent. A silence mutes alerts that
+//! match its matchers until it expires (from `alerts.toml` or `keywatch silence add`). A firing
+//! critical alert for a key (`revoked_key_use`, for example) inhibits the lesser alerts of that
+//! key: the person already has the one that matters. Pure: `now` is passed in.
+
+use chrono::{DateTime, Utc};
+
+use super::AlertChange;
+use super::route::Matchers;
+use crate::detect::Severity;
+
+/// One silence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Silence {
+    /// A uuid for stored silences, `alerts.toml#N` for the file's.
+    pub id: String,
+    pub matchers: Matchers,
+    pub reason: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Silence {
+    /// Whether this silence mutes `a` at `now`.
+    pub fn mutes(&self, a: &AlertChange, now: DateTime<Utc>) -> bool {
+        now < self.expires_at && self.matchers.matches(a)
+    }
+}
+
+/// The keys with a firing critical alert, which inhibit that key's lesser alerts.
+#[derive(Debug, Default, Clone)]
+pub struct Inhibitors {
+    keys: std::collections::HashMap<String, std::collections::HashSet<String>>,
+}
+
+impl Inhibitors {
+    /// Notes that `a` fires (or resolved): only critical alerts with a key inhibit.
+    pub fn observe(&mut self, a: &AlertChange) {
+        let Some(key) = a.key_id.as_ref().or(a.key_prefix.as_ref()) else {
+            return;
+        };
+        if a.severity < Severity::Critical {
+            return;
+        }
+        let set = self.keys.entry(key.clone()).or_default();
+        if a.kind == super::ChangeKind::Resolved {
+            set.remove(&a.fingerprint);
+            if set.is_empty() {
+                self.keys.remove(key);
+            }
+        } else {
+            set.insert(a.fingerprint.clone());
+        }
+    }
+
+    /// Whether `a` is held back by a critical alert of the same key (never the critical alert
+    /// itself, nor another critical one).
+    pub fn inhibits(&self, a: &AlertChange) -> bool {
+        if a.severity >= Severity::Critical {
+            return false;
+        }
+        [a.key_id.as_ref(), a.key_prefix.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|k| self.keys.get(k).is_some_and(|s| !s.is_empty()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notify::ChangeKind;
+
+    fn change(t: &str, sev: Severity, kind: ChangeKind) -> AlertChange {
+        AlertChange {
+            kind,
+            fingerprint: format!("{t}/key:k1"),
+            alert_type: t.into(),
+            severity: sev,
+            key_id: Some("k1".into()),
+            key_prefix: Some("pmcp_k1".into()),
+            org_id: Some("o".into()),
+            source_ip: None,
+            started_at: Utc::now(),
+            at: Utc::now(),
+            summary: String::new(),
+            evidence: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_silence_mutes_until_it_expires() {
+        let now = Utc::now();
+        let s = Silence {
+            id: "x".into(),
+            matchers: Matchers {
+                types: vec!["rate_spike".into()],
+                ..Matchers::default()
+            },
+            reason: "load test".into(),
+            expires_at: now + chrono::Duration::hours(1),
+        };
+        let a = change("rate_spike", Severity::High, ChangeKind::Opened);
+        assert!(s.mutes(&a, now));
+        assert!(!s.mutes(&a, now + chrono::Duration::hours(2)));
+        assert!(!s.mutes(
+            &change("new_country", Severity::High, ChangeKind::Opened),
+            now
+        ));
+    }
+
+    #[test]
+    fn a_critical_alert_inhibits_lesser_alerts_of_its_key_until_it_resolves() {
+        let mut i = Inhibitors::default();
+        let spike = change("rate_spike", Severity::High, ChangeKind::Opened);
+        assert!(!i.inhibits(&spike));
+        i.observe(&change(
+            "revoked_key_use",
+            Severity::Critical,
+            ChangeKind::Opened,
+        ));
+        assert!(i.inhibits(&spike));
+        assert!(!i.inhibits(&change(
+            "key_in_logs",
+            Severity::Critical,
+            ChangeKind::Opened
+        )));
+        i.observe(&change(
+            "revoked_key_use",
+            Severity::Critical,
+            ChangeKind::Resolved,
+        ));
+        assert!(!i.inhibits(&spike));
+    }
+}

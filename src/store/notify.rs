@@ -1,0 +1,284 @@
+//! Alert delivery's tables: the outbox of alert changes (written by `commit_batch`), the
+//! notifications and their delivery state, the grouping stage's saved state and the silences.
+
+use chrono::{DateTime, Utc};
+
+use super::keys::DbTime;
+use super::{QueryContext, Store, StoreError, with_pool};
+use crate::notify::{AlertChange, Notification};
+
+/// Writes alert changes into the outbox inside a batch transaction.
+macro_rules! insert_changes {
+    ($tx:expr, $changes:expr, $now:expr) => {{
+        for c in $changes {
+            sqlx::query(
+                "INSERT INTO kw_outbox (fingerprint, change, payload, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&c.fingerprint)
+            .bind(c.kind.as_str())
+            .bind(serde_json::to_string(c).unwrap_or_else(|_| "{}".into()))
+            .bind($crate::store::keys::DbTime($now))
+            .execute(&mut **$tx)
+            .await
+            .map_err(|source| $crate::store::StoreError::Query {
+                context: "queueing a notification",
+                source,
+            })?;
+        }
+        Ok::<(), $crate::store::StoreError>(())
+    }};
+}
+pub(crate) use insert_changes;
+
+/// A notification waiting for delivery, with how often it was tried.
+#[derive(Debug, Clone)]
+pub struct QueuedNotification {
+    pub notification: Notification,
+    pub attempts: u32,
+}
+
+/// A silence as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StoredSilence {
+    pub id: String,
+    pub matchers: crate::notify::config::StoredMatchers,
+    pub reason: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// How many notifications are in each state, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxDepth {
+    /// Alert changes not yet routed and grouped.
+    pub changes: u64,
+    /// Notifications waiting for delivery (including retries).
+    pub pending: u64,
+}
+
+impl Store {
+    /// Up to `limit` alert changes not yet dispatched, oldest first.
+    pub async fn pending_changes(&self, limit: i64) -> Result<Vec<(i64, AlertChange)>, StoreError> {
+        let rows: Vec<(i64, String)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT id, payload FROM kw_outbox WHERE dispatched_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(p)
+        .await)
+        .context("reading the outbox")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, payload)| match serde_json::from_str(&payload) {
+                Ok(c) => Some((id, c)),
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "Skipping an outbox row that does not parse.");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// The grouping stage's saved state, if any.
+    pub async fn notify_state(&self) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT state FROM kw_notify_groups WHERE id = 'grouper'",
+        )
+        .fetch_optional(p)
+        .await)
+        .context("reading the notification groups")?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// In one transaction: marks the changes `ids` dispatched, saves the grouping state and
+    /// queues `notifications` for delivery.
+    pub async fn commit_dispatch(
+        &self,
+        ids: &[i64],
+        state: &str,
+        notifications: &[Notification],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        with_pool!(self, p => {
+            let mut tx = p.begin().await.context("starting a transaction")?;
+            for id in ids {
+                sqlx::query("UPDATE kw_outbox SET dispatched_at = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(DbTime(now))
+                    .execute(&mut *tx)
+                    .await
+                    .context("marking an alert change dispatched")?;
+            }
+            sqlx::query(
+                "INSERT INTO kw_notify_groups (id, state) VALUES ('grouper', $1) \
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+            )
+            .bind(state)
+            .execute(&mut *tx)
+            .await
+            .context("saving the notification groups")?;
+            for n in notifications {
+                sqlx::query(
+                    "INSERT INTO kw_notifications (id, receiver, group_key, payload, status, attempts, \
+                     next_attempt_at, created_at) VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)",
+                )
+                .bind(n.id.to_string())
+                .bind(&n.receiver)
+                .bind(&n.group_key)
+                .bind(serde_json::to_string(n).unwrap_or_else(|_| "{}".into()))
+                .bind(DbTime(n.created_at))
+                .execute(&mut *tx)
+                .await
+                .context("queueing a notification")?;
+            }
+            tx.commit().await.context("committing dispatched notifications")
+        })
+    }
+
+    /// Pending notifications due at `now`, oldest first.
+    pub async fn due_notifications(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<QueuedNotification>, StoreError> {
+        let rows: Vec<(String, i64)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT payload, attempts FROM kw_notifications WHERE status = 'pending' \
+             AND next_attempt_at <= $1 ORDER BY next_attempt_at, created_at LIMIT $2",
+        )
+        .bind(DbTime(now))
+        .bind(limit)
+        .fetch_all(p)
+        .await)
+        .context("reading due notifications")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(payload, attempts)| {
+                Some(QueuedNotification {
+                    notification: serde_json::from_str(&payload).ok()?,
+                    attempts: attempts as u32,
+                })
+            })
+            .collect())
+    }
+
+    /// The earliest retry time of a pending notification.
+    pub async fn next_notification_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let row: (Option<String>,) = with_pool!(self, p => sqlx::query_as(
+            "SELECT CAST(MIN(next_attempt_at) AS TEXT) FROM kw_notifications WHERE status = 'pending'",
+        )
+        .fetch_one(p)
+        .await)
+        .context("reading the next notification time")?;
+        Ok(row.0.and_then(|s| crate::event::parse_timestamp(&s).ok()))
+    }
+
+    /// Records the outcome of one attempt: `sent`, `failed`, or `pending` again at `next`.
+    pub async fn record_attempt(
+        &self,
+        id: uuid::Uuid,
+        status: &str,
+        attempts: u32,
+        next: DateTime<Utc>,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        with_pool!(self, p => sqlx::query(
+            "UPDATE kw_notifications SET status = $2, attempts = $3, next_attempt_at = $4, \
+             last_error = $5, sent_at = CASE WHEN $2 = 'sent' THEN $6 ELSE sent_at END WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(status)
+        .bind(i64::from(attempts))
+        .bind(DbTime(next))
+        .bind(error)
+        .bind(DbTime(now))
+        .execute(p)
+        .await
+        .map(|_| ()))
+        .context("recording a delivery attempt")
+    }
+
+    /// What is waiting in the outbox.
+    pub async fn outbox_depth(&self) -> Result<OutboxDepth, StoreError> {
+        let row: (i64, i64) = with_pool!(self, p => sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM kw_outbox WHERE dispatched_at IS NULL), \
+             (SELECT COUNT(*) FROM kw_notifications WHERE status = 'pending')",
+        )
+        .fetch_one(p)
+        .await)
+        .context("counting the outbox")?;
+        Ok(OutboxDepth {
+            changes: row.0.max(0) as u64,
+            pending: row.1.max(0) as u64,
+        })
+    }
+
+    /// Fingerprints and severities of the alerts stored as firing (or benign and open): what
+    /// has already been announced.
+    pub async fn open_alerts(&self) -> Result<Vec<(String, String)>, StoreError> {
+        with_pool!(self, p => sqlx::query_as(
+            "SELECT fingerprint, severity FROM kw_alerts WHERE resolved_at IS NULL",
+        )
+        .fetch_all(p)
+        .await)
+        .context("reading open alerts")
+    }
+
+    /// Stores a silence.
+    pub async fn add_silence(&self, s: &StoredSilence) -> Result<(), StoreError> {
+        with_pool!(self, p => sqlx::query(
+            "INSERT INTO kw_silences (id, matchers, reason, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&s.id)
+        .bind(serde_json::to_string(&s.matchers).unwrap_or_else(|_| "{}".into()))
+        .bind(&s.reason)
+        .bind(DbTime(s.created_at))
+        .bind(DbTime(s.expires_at))
+        .execute(p)
+        .await
+        .map(|_| ()))
+        .context("adding a silence")
+    }
+
+    /// Silences, newest first; only those not expired at `now` unless `all`.
+    pub async fn silences(
+        &self,
+        now: DateTime<Utc>,
+        all: bool,
+    ) -> Result<Vec<StoredSilence>, StoreError> {
+        let rows: Vec<(String, String, String, String, String)> =
+            with_pool!(self, p => sqlx::query_as(
+            "SELECT id, matchers, reason, CAST(created_at AS TEXT), CAST(expires_at AS TEXT) \
+             FROM kw_silences WHERE $1 OR expires_at > $2 ORDER BY created_at DESC, id",
+        )
+        .bind(all)
+        .bind(DbTime(now))
+        .fetch_all(p)
+        .await)
+            .context("reading silences")?;
+        let t = |s: &str| crate::event::parse_timestamp(s).unwrap_or_default();
+        Ok(rows
+            .into_iter()
+            .map(|(id, m, reason, c, e)| StoredSilence {
+                id,
+                matchers: serde_json::from_str(&m).unwrap_or_default(),
+                reason,
+                created_at: t(&c),
+                expires_at: t(&e),
+            })
+            .collect())
+    }
+
+    /// Ends the silence `id` now; `false` when there is no such silence.
+    pub async fn expire_silence(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let n = with_pool!(self, p => sqlx::query(
+            "UPDATE kw_silences SET expires_at = $2 WHERE id = $1 AND expires_at > $2",
+        )
+        .bind(id)
+        .bind(DbTime(now))
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))
+        .context("expiring a silence")?;
+        Ok(n > 0)
+    }
+}
