@@ -291,7 +291,8 @@ pub async fn drain(
     };
     let mut sent = 0;
     let mut until = clock.now() + settle;
-    let mut next_group: Option<DateTime<Utc>> = None;
+    // Look at the groups at least once (a silence may have ended since the last run).
+    let mut next_group: Option<DateTime<Utc>> = Some(clock.now());
     loop {
         let next_change = store.pending_changes(1).await?.first().map(|(_, c)| c.at);
         let next_send = store.next_notification_at().await?;
