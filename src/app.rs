@@ -209,17 +209,16 @@ pub async fn run_daemon(
     // Delivery stops last: after reading stopped and the last batch (and its outbox rows)
     // was committed.
     let delivery_stop = CancellationToken::new();
-    let delivery = match &settings.notify {
-        Some(n) => Some(tokio::spawn(crate::notify::run_delivery(
+    let delivery = settings.notify.as_ref().map(|n| {
+        tokio::spawn(crate::notify::run_delivery(
             store.clone(),
             Arc::clone(&n.settings),
             n.receivers.clone(),
             Arc::clone(&n.clock),
             metrics.clone(),
             delivery_stop.clone(),
-        ))),
-        None => None,
-    };
+        ))
+    });
     let mut detection =
         build_detection(&store, &settings.detectors, settings.geo.clone(), false).await?;
     if settings.notify.is_some() {

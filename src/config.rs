@@ -221,6 +221,100 @@ mod tests {
         let cfg = AlertsConfig::parse("alerts.toml", text).unwrap();
         // The shipped file states the defaults; it must not drift from them.
         assert_eq!(cfg.detectors, Settings::default());
+        let defaults = AlertsConfig::default();
+        assert_eq!(cfg.delivery, defaults.delivery);
+        assert_eq!(cfg.receivers, defaults.receivers);
+        assert_eq!(
+            cfg.notify_settings().unwrap(),
+            defaults.notify_settings().unwrap()
+        );
+        assert!(cfg.routes.is_empty() && cfg.silences.is_empty());
+    }
+
+    #[test]
+    fn a_route_to_an_undefined_receiver_names_it_and_the_defined_ones() {
+        let text = "[[receivers]]\nname = \"ops\"\ntype = \"email\"\n\n[[routes]]\ntypes = [\"rate_spike\"]\nreceiver = \"ops-mail\"\n";
+        let e = AlertsConfig::parse("a.toml", text).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "a.toml: line 7, column 12: routes[0].receiver: undefined receiver \"ops-mail\" used in route; defined receivers: \"ops\""
+        );
+    }
+
+    #[test]
+    fn every_delivery_mistake_is_reported_at_once_with_its_place() {
+        let text = "[delivery]\nretry_initial = \"30 seconds\"\n\n[route]\ngroup_by = [\"team\"]\n\n[[routes]]\nreceiver = \"email\"\nseverities = [\"urgent\"]\n";
+        let e = AlertsConfig::parse("a.toml", text).unwrap_err().to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert_eq!(
+            lines[0],
+            "a.toml: line 2, column 17: delivery.retry_initial: \"30 seconds\" is not a duration; write it like 30s, 5m, 24h, 90d or 1y"
+        );
+        assert_eq!(
+            lines[1],
+            "a.toml: line 5, column 12: route.group_by: cannot group by \"team\"; valid labels: org, type, key, severity, fingerprint"
+        );
+        assert_eq!(
+            lines[2],
+            "a.toml: line 9, column 14: routes[0].severities: unknown severity \"urgent\"; valid severities: info, low, medium, high, critical"
+        );
+    }
+
+    #[test]
+    fn unknown_delivery_settings_and_receiver_types_are_errors() {
+        let e = AlertsConfig::parse("a.toml", "[route]\ngroup_wiat = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("a.toml: line 2, column 1: ") && e.contains("group_wait"),
+            "{e}"
+        );
+        let e = AlertsConfig::parse("a.toml", "[[receivers]]\nname = \"x\"\ntype = \"pager\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("email"), "{e}");
+        let e = AlertsConfig::parse(
+            "a.toml",
+            "[[receivers]]\nname = \"x\"\ntype = \"email\"\npassword_env = \"hunter2!\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 4") && e.contains("never put the secret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn receivers_read_the_environment_they_name() {
+        let cfg = AlertsConfig::default().notify_settings().unwrap();
+        let env = |k: &str| match k {
+            "KEYWATCH_SMTP_URL" => Some("smtp://alerts@mail.example.com:587".to_string()),
+            "KEYWATCH_SMTP_PASSWORD" => Some("s3cret".to_string()),
+            "KEYWATCH_ALERT_TO" => Some("a@example.com, b@example.com".to_string()),
+            _ => None,
+        };
+        let r = cfg.resolve(&env, Path::new("/tmp")).unwrap();
+        let s = r[0].server.as_ref().unwrap();
+        assert_eq!(s.url, "smtp://mail.example.com:587?tls=required");
+        assert_eq!(s.username.as_deref(), Some("alerts"));
+        assert_eq!(s.password.as_deref(), Some("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        assert_eq!(r[0].to, ["a@example.com", "b@example.com"]);
+        let local = cfg
+            .resolve(
+                &|k: &str| (k == "KEYWATCH_SMTP_URL").then(|| "smtp://127.0.0.1:2525".into()),
+                Path::new("/tmp"),
+            )
+            .unwrap();
+        assert_eq!(
+            local[0].server.as_ref().unwrap().url,
+            "smtp://127.0.0.1:2525"
+        );
+        let none = cfg.resolve(&|_: &str| None, Path::new("/d")).unwrap();
+        assert!(none[0].server.is_none());
+        assert_eq!(none[0].mailbox, Path::new("/d/keywatch-alerts.mbox"));
     }
 
     #[test]

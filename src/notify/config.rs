@@ -409,7 +409,8 @@ impl NotifySettings {
                 .clone()
                 .or_else(|| parent.map(|p| p.group_by.clone()))
                 .unwrap_or_else(|| vec!["org".into(), "type".into()]);
-            for g in &group_by {
+            // Inherited labels were checked where they were written.
+            for g in raw.group_by.iter().flatten() {
                 if !GROUP_LABELS.contains(&g.as_str()) {
                     errors.push(err(
                         &[path, &["group_by"]].concat(),
@@ -551,11 +552,7 @@ impl NotifySettings {
         env: &dyn Fn(&str) -> Option<String>,
         mailbox_dir: &Path,
     ) -> Result<Vec<EmailSettings>, String> {
-        let get = |v: &Option<String>| {
-            v.as_deref()
-                .and_then(|name| env(name))
-                .filter(|s| !s.trim().is_empty())
-        };
+        let get = |v: &Option<String>| v.as_deref().and_then(env).filter(|s| !s.trim().is_empty());
         let mut out = Vec::new();
         for r in &self.receivers {
             let ReceiverKind::Email = r.kind;
