@@ -142,3 +142,72 @@ fn inhibitors(g: &Grouper) -> Inhibitors {
     }
     i
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::Severity;
+    use crate::notify::ChangeKind;
+    use crate::notify::route::Router;
+
+    fn change(t: &str, sev: Severity, kind: ChangeKind) -> AlertChange {
+        AlertChange {
+            kind,
+            fingerprint: format!("{t}/key:k1"),
+            alert_type: t.into(),
+            severity: sev,
+            key_id: Some("k1".into()),
+            key_prefix: Some("pmcp_k1".into()),
+            org_id: Some("o".into()),
+            source_ip: None,
+            started_at: Utc::now(),
+            at: Utc::now(),
+            summary: String::new(),
+            evidence: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_firing_critical_alert_of_a_key_holds_back_its_lesser_alerts_in_every_group() {
+        let r = Router::default();
+        let t0: DateTime<Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let mut g = Grouper::default();
+        g.add(
+            &r,
+            &change("revoked_key_use", Severity::Critical, ChangeKind::Opened),
+            t0,
+        );
+        g.add(
+            &r,
+            &change("rate_spike", Severity::High, ChangeKind::Opened),
+            t0,
+        );
+        let inh = inhibitors(&g);
+        let muted = |a: &AlertChange| inh.inhibits(a);
+        let drafts = g.step(&r, t0 + chrono::Duration::seconds(30), &muted, &|_| 20);
+        let told: Vec<&str> = drafts
+            .iter()
+            .flat_map(|d| d.new.iter().map(|a| a.alert_type.as_str()))
+            .collect();
+        assert_eq!(told, ["revoked_key_use"]);
+        // Once the critical alert resolves, the held-back alert is told as new.
+        g.add(
+            &r,
+            &change("revoked_key_use", Severity::Critical, ChangeKind::Resolved),
+            t0,
+        );
+        let inh = inhibitors(&g);
+        let muted = |a: &AlertChange| inh.inhibits(a);
+        let drafts = g.step(&r, t0 + chrono::Duration::minutes(6), &muted, &|_| 20);
+        let new: Vec<&str> = drafts
+            .iter()
+            .flat_map(|d| d.new.iter().map(|a| a.alert_type.as_str()))
+            .collect();
+        let resolved: Vec<&str> = drafts
+            .iter()
+            .flat_map(|d| d.resolved.iter().map(|a| a.alert_type.as_str()))
+            .collect();
+        assert_eq!(new, ["rate_spike"]);
+        assert_eq!(resolved, ["revoked_key_use"]);
+    }
+}

@@ -101,12 +101,20 @@ impl Store {
         with_pool!(self, p => {
             let mut tx = p.begin().await.context("starting a transaction")?;
             for id in ids {
-                sqlx::query("UPDATE kw_outbox SET dispatched_at = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(DbTime(now))
-                    .execute(&mut *tx)
-                    .await
-                    .context("marking an alert change dispatched")?;
+                let done = sqlx::query(
+                    "UPDATE kw_outbox SET dispatched_at = $2 WHERE id = $1 AND dispatched_at IS NULL",
+                )
+                .bind(id)
+                .bind(DbTime(now))
+                .execute(&mut *tx)
+                .await
+                .context("marking an alert change dispatched")?;
+                if done.rows_affected() == 0 {
+                    // Another keywatch dispatched it first: keep nothing of this pass.
+                    return Err(StoreError::Invalid(format!(
+                        "alert change {id} was dispatched by another keywatch process; run one delivering process per database"
+                    )));
+                }
             }
             sqlx::query(
                 "INSERT INTO kw_notify_groups (id, state) VALUES ('grouper', $1) \

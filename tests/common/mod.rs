@@ -17,6 +17,11 @@ pub fn keywatch() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_keywatch"));
     c.env_remove("KEYWATCH_DATABASE_URL")
         .env_remove("KEYWATCH_SOURCE")
+        .env_remove("KEYWATCH_SMTP_URL")
+        .env(
+            "KEYWATCH_ALERTS",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/alerts-test.toml"),
+        )
         .env("KEYWATCH_LOG", "warn");
     c
 }
