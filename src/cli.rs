@@ -265,6 +265,15 @@ pub struct AlertsFile {
 
 #[derive(Debug, Subcommand)]
 pub enum AlertCommand {
+    /// Send a test message through a receiver of alerts.toml, now (not through the outbox):
+    /// checks the server, the credentials and the addresses.
+    Test {
+        /// The receiver's name in alerts.toml.
+        #[arg(long, default_value = "email")]
+        receiver: String,
+        #[command(flatten)]
+        alerts: AlertsFile,
+    },
     /// Mark an alert benign: it stops counting as open, and for a new_country or
     /// impossible_travel alert the key learns the country, so it is not raised again.
     Benign {

@@ -147,6 +147,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = Store::open(&g.database_url).await?;
             silence(&store, cmd).await
         }
+        Command::Alert(AlertCommand::Test { receiver, alerts }) => {
+            let notify = notify_for(
+                &load_alerts(&alerts)?,
+                Path::new("."),
+                Arc::new(SystemClock),
+            )?;
+            let Some(r) = notify.receivers.get(&receiver) else {
+                let mut names: Vec<&String> = notify.receivers.keys().collect();
+                names.sort();
+                bail!(
+                    "there is no receiver {receiver:?} in {}; defined receivers: {names:?}",
+                    alerts.path.display()
+                );
+            };
+            let n = crate::notify::render::test_notification(&receiver, Utc::now());
+            r.deliver(&n).await.map_err(|e| {
+                anyhow!(e).context(format!(
+                    "the test message to {receiver:?} was not delivered"
+                ))
+            })?;
+            eprintln!(
+                "Delivered a test message through {receiver:?} (Message-ID {}).",
+                n.message_id()
+            );
+            Ok(())
+        }
         Command::Alert(AlertCommand::Benign { id, reason }) => {
             let store = Store::open(&g.database_url).await?;
             if !store.mark_benign(&id, &reason).await? {

@@ -225,6 +225,21 @@ fn arrives_once_with_subject_parts_and_recipients(db: TestDb) {
         assert!(html.contains("pmcp_&lt;b&gt;"), "{html}");
     }
     assert_eq!(notification_states(&db), [("sent".to_string(), 1)]);
+    // `alert test` sends one message now, through the same receiver.
+    kw_ok(
+        &db,
+        &["alert", "test", "--receiver", "security", "--alerts", cfg],
+    );
+    assert!(wait_until(Duration::from_secs(10), || sink
+        .messages()
+        .len()
+        == 2));
+    assert_eq!(sink.messages()[1]["subject"], "[keywatch] TEST message");
+    let bad = kw(
+        &db,
+        &["alert", "test", "--receiver", "pager", "--alerts", cfg],
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("defined receivers: [\"security\"]"));
     // Ingesting the same file again raises nothing new and sends nothing.
     let out = kw(
         &db,
@@ -232,7 +247,7 @@ fn arrives_once_with_subject_parts_and_recipients(db: TestDb) {
     );
     assert!(out.status.success());
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(sink.messages().len(), 1);
+    assert_eq!(sink.messages().len(), 2);
     // Without --notify, alerts are recorded and nothing is queued.
     let log2 = probe_log(&db, "probe2.log", &["81.2.69.160"]);
     kw_ok(&db, &["ingest", "--alerts", cfg, log2.to_str().unwrap()]);

@@ -210,4 +210,54 @@ mod tests {
         assert_eq!(new, ["rate_spike"]);
         assert_eq!(resolved, ["revoked_key_use"]);
     }
+
+    #[tokio::test]
+    async fn the_groups_survive_a_restart_neither_repeating_nor_forgetting() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kw.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let t0: DateTime<Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let clock = crate::notify::ManualClock::new(t0);
+        let settings = Arc::new(
+            crate::config::AlertsConfig::default()
+                .notify_settings()
+                .unwrap(),
+        );
+        let batch = crate::store::Batch {
+            changes: vec![change("rate_spike", Severity::High, ChangeKind::Opened)],
+            ..Default::default()
+        };
+        store.commit_batch(&batch).await.unwrap();
+        let queued = |store: Store, at: DateTime<Utc>| async move {
+            store.due_notifications(at, 100).await.unwrap().len()
+        };
+        let start = |c: &crate::notify::ManualClock| {
+            Dispatcher::load(store.clone(), Arc::clone(&settings), Arc::new(c.clone()))
+        };
+        let mut d = start(&clock).await.unwrap();
+        assert_eq!(
+            d.step().await.unwrap(),
+            Some(t0 + chrono::Duration::seconds(30))
+        );
+        assert_eq!(queued(store.clone(), t0).await, 0, "group_wait first");
+        drop(d);
+        clock.advance(chrono::Duration::seconds(30));
+        let mut d = start(&clock).await.unwrap();
+        d.step().await.unwrap();
+        let far = t0 + chrono::Duration::days(1);
+        assert_eq!(
+            queued(store.clone(), far).await,
+            1,
+            "after a restart, the wait still ends"
+        );
+        drop(d);
+        clock.advance(chrono::Duration::hours(1));
+        let mut d = start(&clock).await.unwrap();
+        d.step().await.unwrap();
+        assert_eq!(queued(store.clone(), far).await, 1, "no repeat before 4 h");
+        clock.advance(chrono::Duration::hours(3));
+        d.step().await.unwrap();
+        assert_eq!(queued(store.clone(), far).await, 2, "the repeat");
+        assert_eq!(store.outbox_depth().await.unwrap().changes, 0);
+    }
 }

@@ -214,6 +214,12 @@ impl Grouper {
         muted: Muted<'_>,
         limit: &dyn Fn(&str) -> u32,
     ) -> Vec<Draft> {
+        // Groups of a route that no longer exists (alerts.toml changed) are forgotten.
+        self.groups.retain(|_, g| {
+            router
+                .get(&g.route)
+                .is_some_and(|r| r.receiver == g.receiver)
+        });
         let mut drafts = Vec::new();
         for (key, g) in self.groups.iter_mut() {
             let Some(route) = router.get(&g.route) else {

@@ -180,6 +180,25 @@ pub fn render(d: &Draft, now: DateTime<Utc>) -> Notification {
     }
 }
 
+/// A test message for `keywatch alert test`.
+pub fn test_notification(receiver: &str, now: DateTime<Utc>) -> Notification {
+    let text =
+        "This is a test message from keywatch: alerts sent through this receiver reach you.\n"
+            .to_owned();
+    Notification {
+        id: uuid::Uuid::new_v4(),
+        receiver: receiver.to_owned(),
+        group_key: "test".into(),
+        subject: "[keywatch] TEST message".into(),
+        html: format!(
+            "<!DOCTYPE html><html><body><p>{}</p></body></html>",
+            html_escape(text.trim())
+        ),
+        text,
+        created_at: now,
+    }
+}
+
 fn severity_color(s: Severity) -> &'static str {
     match s {
         Severity::Critical => "#b00020",
