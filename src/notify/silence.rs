@@ -26,19 +26,24 @@ impl Silence {
     }
 }
 
-/// The keys with a firing critical alert, which inhibit that key's lesser alerts.
+/// Whether `a` is an inhibiting alert: critical, or a revoked key in use.
+pub fn inhibits_others(a: &AlertChange) -> bool {
+    a.severity >= Severity::Critical || a.alert_type == "revoked_key_use"
+}
+
+/// The keys with a firing inhibiting alert, which hold back that key's other alerts.
 #[derive(Debug, Default, Clone)]
 pub struct Inhibitors {
     keys: std::collections::HashMap<String, std::collections::HashSet<String>>,
 }
 
 impl Inhibitors {
-    /// Notes that `a` fires (or resolved): only critical alerts with a key inhibit.
+    /// Notes that `a` fires (or resolved): only inhibiting alerts with a key count.
     pub fn observe(&mut self, a: &AlertChange) {
         let Some(key) = a.key_id.as_ref().or(a.key_prefix.as_ref()) else {
             return;
         };
-        if a.severity < Severity::Critical {
+        if !inhibits_others(a) {
             return;
         }
         let set = self.keys.entry(key.clone()).or_default();
@@ -52,10 +57,10 @@ impl Inhibitors {
         }
     }
 
-    /// Whether `a` is held back by a critical alert of the same key (never the critical alert
-    /// itself, nor another critical one).
+    /// Whether `a` is held back by an inhibiting alert of the same key (never an inhibiting
+    /// alert itself).
     pub fn inhibits(&self, a: &AlertChange) -> bool {
-        if a.severity >= Severity::Critical {
+        if inhibits_others(a) {
             return false;
         }
         [a.key_id.as_ref(), a.key_prefix.as_ref()]
@@ -130,5 +135,16 @@ mod tests {
             ChangeKind::Resolved,
         ));
         assert!(!i.inhibits(&spike));
+        // revoked_key_use inhibits at the severity the lifecycle detector gives it.
+        i.observe(&change(
+            "revoked_key_use",
+            Severity::Medium,
+            ChangeKind::Opened,
+        ));
+        assert!(i.inhibits(&spike));
+        let mut other_key = spike.clone();
+        other_key.key_id = Some("k2".into());
+        other_key.key_prefix = Some("pmcp_k2".into());
+        assert!(!i.inhibits(&other_key));
     }
 }
