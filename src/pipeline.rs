@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::detect::{Context, Detector, Detectors, Observation};
 use crate::event::{self, RejectReason};
-use crate::geo::{GeoDb, Location};
+use crate::geo::{GeoHandle, Location};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
 use crate::source::{Checkpoint, Chunk};
@@ -103,7 +103,7 @@ impl SharedKeys {
 /// Detection: the detectors, and the GeoIP databases that say where a request came from.
 pub struct Detection {
     pub detectors: Detectors,
-    pub geo: Option<Arc<GeoDb>>,
+    pub geo: Option<Arc<GeoHandle>>,
 }
 
 /// When to commit, and what counts as on time.
@@ -225,6 +225,12 @@ impl Pipeline {
     /// deterministic given the key cache; commits nothing.
     pub fn process(&mut self, chunk: &Chunk) {
         let cache = self.keys.get();
+        // Once per chunk: a database swapped in by a reload applies from the next chunk.
+        let geo = self
+            .detection
+            .as_ref()
+            .and_then(|d| d.geo.as_ref())
+            .map(|g| g.current());
         let now = Utc::now();
         let mut line_no = chunk.first_line_no;
         let mut accepted = 0u64;
@@ -302,7 +308,7 @@ impl Pipeline {
             // Detectors run on event time within the lateness bound; later lines are counted
             // above but would rewrite windows the detectors have already closed.
             if let Some(d) = self.detection.as_mut().filter(|_| !late) {
-                let loc = match (rec.source_ip, &d.geo) {
+                let loc = match (rec.source_ip, &geo) {
                     (Some(ip), Some(g)) => g.locate(ip),
                     _ => Location::default(),
                 };
@@ -317,7 +323,7 @@ impl Pipeline {
                     city: loc.city,
                     lat_lon: loc.lat_lon,
                     accuracy_km: loc.accuracy_km,
-                    asn: None,
+                    asn: loc.asn,
                     user_agent: rec.user_agent.map(|u| u.into_owned()),
                     origin: rec.origin.map(|o| o.into_owned()),
                     mcp: Some(mcp.to_string()).filter(|m| !m.is_empty()),
