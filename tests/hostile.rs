@@ -8,24 +8,9 @@
 
 mod common;
 
-use common::{Backend, TestDb, kw_ok};
+use common::{Backend, Rng, TestDb, kw_ok};
 use keywatch::config::AlertsConfig;
 use keywatch::event::{RejectReason, parse_line};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 const GOOD: &str = r#"{"request_id":"6f1c0a52-3a6f-4b8e-9d7c-2b1e5f9a0c11","created_at":"2026-11-20T12:00:00.123Z","organization_id":"0b7e3f2a-1c4d-4e5f-8a9b-0c1d2e3f4a5b","api_key_id":"9a41c2e7-f001-4abc-8def-0123456789ab","key_prefix":"pmcp_019a41c2e7f0...","mcp_server_name":"github","endpoint_path":"/mcp","http_method":"POST","http_status_code":200,"latency_ms":42,"request_size_bytes":512,"response_size_bytes":2048,"tokens_used":null,"source_ip":"81.2.69.160","user_agent":"plexmcp-python/1.4.0","error_code":null,"rate_limit_hit":false,"quota_exceeded":false,"metadata":{"tool_name":"search_issues","origin":"https://app.example.com"}}"#;
 
@@ -57,26 +42,26 @@ const TOKENS: &[&[u8]] = &[
 
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     let mut v = seed.to_vec();
-    for _ in 0..1 + rng.below(4) {
-        let at = rng.below(v.len() + 1);
-        match rng.below(5) {
+    for _ in 0..1 + rng.below_usize(4) {
+        let at = rng.below_usize(v.len() + 1);
+        match rng.below_usize(5) {
             0 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] ^= 1 << rng.below(8);
+                let i = rng.below_usize(v.len());
+                v[i] ^= 1 << rng.below_usize(8);
             }
             1 => {
-                let t = TOKENS[rng.below(TOKENS.len())];
+                let t = TOKENS[rng.below_usize(TOKENS.len())];
                 v.splice(at..at, t.iter().copied());
             }
             2 if at < v.len() => {
-                let end = (at + 1 + rng.below(16)).min(v.len());
+                let end = (at + 1 + rng.below_usize(16)).min(v.len());
                 v.drain(at..end);
             }
             3 => v.truncate(at),
             _ => {
                 // Splice in a slice of the seed itself (duplicate fields, nesting).
-                let a = rng.below(seed.len());
-                let b = (a + rng.below(64)).min(seed.len());
+                let a = rng.below_usize(seed.len());
+                let b = (a + rng.below_usize(64)).min(seed.len());
                 v.splice(at..at, seed[a..b].iter().copied());
             }
         }
