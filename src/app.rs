@@ -343,6 +343,13 @@ pub async fn build_detection(
             loc.learn_country(p.key_id, p.since, p.country);
         }
     }
+    if !dry_run {
+        for (name, state) in store.detector_state().await? {
+            if let Err(e) = detectors.restore_state(&name, &state) {
+                tracing::warn!(detector = %name, error = %e, "Saved detector state does not read; that detector starts over.");
+            }
+        }
+    }
     if let (Some(quota), false) = (detectors.quota.as_mut(), dry_run)
         && let Some(at) = store.latest_minute().await?
     {

@@ -505,6 +505,20 @@ impl Pipeline {
             }
         }
         self.flush_with_retry(give_up).await?;
+        self.save_detector_state().await;
         Ok(self.stats)
+    }
+
+    /// Keeps what the detectors learned for the next start, now that everything they saw is
+    /// committed (a dry run keeps nothing). A failure costs a warm-up, not data: it is logged.
+    async fn save_detector_state(&self) {
+        let Some(d) = self.detection.as_ref().filter(|_| !self.opts.dry_run) else {
+            return;
+        };
+        let states = d.detectors.save_state();
+        let at = self.watermark.unwrap_or_else(Utc::now);
+        if let Err(e) = self.store.save_detector_state(&states, at).await {
+            tracing::warn!(error = %e, "Could not save what the detectors learned; they start over at the next start.");
+        }
     }
 }
