@@ -100,6 +100,9 @@ impl SharedKeys {
     }
 }
 
+/// How often a running pipeline saves what the detectors learned (and always when it stops).
+const STATE_SAVE_EVERY: Duration = Duration::from_secs(600);
+
 /// Detection: the detectors, and the GeoIP databases that say where a request came from.
 pub struct Detection {
     pub detectors: Detectors,
@@ -179,6 +182,8 @@ pub struct Pipeline {
     detection: Option<Detection>,
     /// Called after each chunk with the bytes and lines processed so far (a progress bar).
     on_progress: Option<Progress>,
+    /// When the detectors' state was last saved.
+    state_saved: Instant,
 }
 
 impl Pipeline {
@@ -202,6 +207,7 @@ impl Pipeline {
             last_flush: Instant::now(),
             on_progress: None,
             detection: None,
+            state_saved: Instant::now(),
         }
     }
 
@@ -502,6 +508,11 @@ impl Pipeline {
             }
             if self.flush_due() {
                 self.flush_with_retry(give_up).await?;
+                // Right after a commit the state matches the checkpoints; saving it now and
+                // then bounds what a crash (kill -9) makes the detectors forget.
+                if self.state_saved.elapsed() >= STATE_SAVE_EVERY {
+                    self.save_detector_state().await;
+                }
             }
         }
         self.flush_with_retry(give_up).await?;
@@ -511,7 +522,8 @@ impl Pipeline {
 
     /// Keeps what the detectors learned for the next start, now that everything they saw is
     /// committed (a dry run keeps nothing). A failure costs a warm-up, not data: it is logged.
-    async fn save_detector_state(&self) {
+    async fn save_detector_state(&mut self) {
+        self.state_saved = Instant::now();
         let Some(d) = self.detection.as_ref().filter(|_| !self.opts.dry_run) else {
             return;
         };
