@@ -143,7 +143,7 @@ pub struct DaemonSettings {
     pub start_at_end: bool,
     pub key_refresh: Duration,
     pub lateness: Duration,
-    pub geo: Option<Arc<crate::geo::GeoDb>>,
+    pub geo: Option<Arc<crate::geo::GeoHandle>>,
     /// The detector settings (from `alerts.toml`).
     pub detectors: crate::detect::Settings,
     /// How many keys, organizations and MCPs /metrics labels.
@@ -186,7 +186,19 @@ pub async fn run_daemon(
     use anyhow::Context;
     let metrics = Metrics::with_limits(settings.metrics);
     let keys = load_keys(&store, &metrics).await?;
-    seed_metrics(&store, &metrics, settings.geo.as_deref()).await;
+    seed_metrics(
+        &store,
+        &metrics,
+        settings.geo.as_ref().map(|g| g.current()).as_deref(),
+    )
+    .await;
+    if let Some(geo) = settings.geo.clone() {
+        tokio::spawn(geo_reload_loop(
+            geo,
+            metrics.clone(),
+            shutdown.child_token(),
+        ));
+    }
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
@@ -289,6 +301,51 @@ async fn seed_metrics(store: &Store, metrics: &Metrics, geo: Option<&crate::geo:
 }
 
 /// SIGTERM and Ctrl-C stop the daemon cleanly; SIGHUP reloads the keys at once.
+/// How often the GeoIP files are checked for replacement.
+const GEO_RELOAD_EVERY: Duration = Duration::from_secs(60);
+
+/// Picks up GeoIP databases replaced on disk (and on SIGHUP, which also checks them): a
+/// broken new file is logged and the previous databases stay in use.
+async fn geo_reload_loop(
+    geo: Arc<crate::geo::GeoHandle>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(GEO_RELOAD_EVERY) => {}
+            _ = hangup => {}
+        }
+        let g = Arc::clone(&geo);
+        match tokio::task::spawn_blocking(move || g.reload()).await {
+            Ok(Ok(true)) => {
+                let db = geo.current();
+                metrics.geoip_loaded(&db);
+                tracing::info!(databases = ?db, "Reloaded the GeoIP databases.");
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "A replaced GeoIP database does not open; keeping the previous one.");
+            }
+            Err(e) => tracing::warn!(error = %e, "The GeoIP reload task failed."),
+        }
+    }
+}
+
 fn spawn_signal_handlers(keys: Arc<SharedKeys>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         #[cfg(unix)]
@@ -308,7 +365,7 @@ fn spawn_signal_handlers(keys: Arc<SharedKeys>, shutdown: CancellationToken) {
                     _ = term.recv() => break,
                     _ = tokio::signal::ctrl_c() => break,
                     _ = hup.recv() => {
-                        tracing::info!("SIGHUP: reloading keys.");
+                        tracing::info!("SIGHUP: reloading keys and GeoIP databases.");
                         keys.request_refresh();
                     }
                     _ = shutdown.cancelled() => return,
@@ -333,13 +390,20 @@ fn spawn_signal_handlers(keys: Arc<SharedKeys>, shutdown: CancellationToken) {
 pub async fn build_detection(
     store: &Store,
     settings: &crate::detect::Settings,
-    geo: Option<Arc<crate::geo::GeoDb>>,
+    geo: Option<Arc<crate::geo::GeoHandle>>,
     dry_run: bool,
 ) -> Result<Detection, StoreError> {
     let mut detectors = crate::detect::Detectors::new(settings);
     if let Some(loc) = detectors.location.as_mut() {
         for p in store.benign_places().await? {
             loc.learn_country(p.key_id, p.since, p.country);
+        }
+    }
+    if !dry_run {
+        for (name, state) in store.detector_state().await? {
+            if let Err(e) = detectors.restore_state(&name, &state) {
+                tracing::warn!(detector = %name, error = %e, "Saved detector state does not read; that detector starts over.");
+            }
         }
     }
     if let (Some(quota), false) = (detectors.quota.as_mut(), dry_run)

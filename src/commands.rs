@@ -24,7 +24,7 @@ use crate::cli::{
     TimeRange, UsageArgs,
 };
 use crate::detect::Settings as DetectorSettings;
-use crate::geo::GeoDb;
+use crate::geo::GeoHandle;
 use crate::keys::{KeyCache, NewKey};
 use crate::metrics::Metrics;
 use crate::notify::SystemClock;
@@ -327,17 +327,21 @@ fn load_alerts(file: &AlertsFile) -> anyhow::Result<crate::config::AlertsConfig>
     Ok(crate::config::AlertsConfig::load(&file.path, required)?)
 }
 
-fn open_geo(path: Option<&Path>) -> anyhow::Result<Option<GeoDb>> {
-    let geo = GeoDb::open_configured(path)?;
-    if let Some(db) = &geo {
-        for f in db.files() {
+fn open_geo(path: Option<&Path>) -> anyhow::Result<Option<GeoHandle>> {
+    let geo = GeoHandle::open_configured(path)?;
+    if let Some(h) = &geo {
+        for f in h.current().files() {
             tracing::debug!(path = %f.path.display(), kind = f.database_type(), "Opened GeoIP database.");
         }
     }
     Ok(geo)
 }
 
-async fn ingest(store: &Store, args: &IngestArgs, geo: Option<Arc<GeoDb>>) -> anyhow::Result<()> {
+async fn ingest(
+    store: &Store,
+    args: &IngestArgs,
+    geo: Option<Arc<GeoHandle>>,
+) -> anyhow::Result<()> {
     let mut specs = Vec::new();
     let mut total_bytes = 0u64;
     for f in &args.files {
@@ -433,7 +437,7 @@ async fn ingest_sources(
     store: &Store,
     specs: &[SourceSpec],
     run: &IngestRun<'_>,
-    geo: Option<Arc<GeoDb>>,
+    geo: Option<Arc<GeoHandle>>,
 ) -> anyhow::Result<(IngestStats, std::time::Duration)> {
     let (total_bytes, show_progress) = (run.total_bytes, run.show_progress);
     let metrics = Metrics::new();

@@ -396,6 +396,14 @@ pub fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, ParseError> {
                 ),
             )
         })?;
+    // Reports, rollups and retention all start at the Unix epoch: an event before it could be
+    // counted but never reported, so it is refused instead.
+    if parsed.timestamp() < 0 {
+        return Err(ParseError::new(
+            RejectReason::BadTimestamp,
+            format!("\"created_at\" is before 1970: {}", quote_short(s)),
+        ));
+    }
     Ok(parsed.with_timezone(&Utc))
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Owns opening `.mmdb` files (one file or a directory of them) and reading a country from
 //! either record layout in use: MaxMind's GeoIP2 (`country.iso_code`) and the flat
-//! ip-location-db one (`country_code`), which the shipped DB-IP database uses. It does no
-//! caching policy and keeps no per-key state: callers decide what to remember.
+//! ip-location-db one (`country_code`), which the shipped DB-IP database uses, plus the ASN of
+//! an ASN database. [`GeoHandle`] swaps in a database replaced on disk (as `geoipupdate`
+//! does) without a restart, keeping the previous one when the new file is broken. It keeps no
+//! per-key state: callers decide what to remember.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,8 @@ pub struct Location {
     pub lat_lon: Option<(f64, f64)>,
     /// How far from `lat_lon` the address may really be, in km.
     pub accuracy_km: Option<f64>,
+    /// The autonomous system (network) the address belongs to, from an ASN database.
+    pub asn: Option<u32>,
 }
 
 /// A record in either layout: GeoIP2 nests (`country.iso_code`, `city.names.en`,
@@ -68,6 +72,8 @@ struct LocationRecord<'a> {
     latitude: Option<f64>,
     #[serde(default)]
     longitude: Option<f64>,
+    #[serde(default)]
+    autonomous_system_number: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +226,7 @@ impl GeoDb {
                     loc.accuracy_km = acc;
                 }
             }
+            loc.asn = loc.asn.or(rec.autonomous_system_number);
         }
         loc
     }
@@ -227,6 +234,93 @@ impl GeoDb {
     /// The country of `ip`, as [`GeoDb::locate`] finds it.
     pub fn country(&self, ip: IpAddr) -> Option<Country> {
         self.locate(ip).country
+    }
+}
+
+/// What identifies the files a [`GeoDb`] was opened from: each `.mmdb` path with its
+/// modification time and length. A different stamp means the databases were replaced.
+fn stamp(path: &Path) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64)> {
+    let one = |p: PathBuf| {
+        let m = std::fs::metadata(&p).ok();
+        let modified = m.as_ref().and_then(|m| m.modified().ok());
+        (p, modified, m.map_or(0, |m| m.len()))
+    };
+    match std::fs::read_dir(path) {
+        Ok(dir) => {
+            let mut v: Vec<_> = dir
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "mmdb"))
+                .map(one)
+                .collect();
+            v.sort();
+            v
+        }
+        Err(_) => vec![one(path.to_path_buf())],
+    }
+}
+
+/// The GeoIP databases in use, replaceable while keywatch runs: [`GeoHandle::reload`] opens
+/// the path again when its files changed and swaps the new databases in; a file that does
+/// not open leaves the previous databases in use. Readers take the current databases with
+/// [`GeoHandle::current`], once per batch of lines, so a swap never happens mid-line.
+pub struct GeoHandle {
+    path: PathBuf,
+    current: std::sync::RwLock<std::sync::Arc<GeoDb>>,
+    stamp: std::sync::Mutex<Vec<(PathBuf, Option<std::time::SystemTime>, u64)>>,
+}
+
+impl std::fmt::Debug for GeoHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeoHandle")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl GeoHandle {
+    /// Opens `path` (a file or a directory of `.mmdb` files).
+    pub fn open(path: &Path) -> Result<GeoHandle, GeoError> {
+        let stamp = stamp(path);
+        let db = GeoDb::open(path)?;
+        Ok(GeoHandle {
+            path: path.to_path_buf(),
+            current: std::sync::RwLock::new(std::sync::Arc::new(db)),
+            stamp: std::sync::Mutex::new(stamp),
+        })
+    }
+
+    /// [`GeoHandle::open`] of the `--geoip` path, or of the shipped default directory.
+    pub fn open_configured(path: Option<&Path>) -> Result<Option<GeoHandle>, GeoError> {
+        match path {
+            Some(p) => GeoHandle::open(p).map(Some),
+            None if Path::new(DEFAULT_DIR).is_dir() => {
+                GeoHandle::open(Path::new(DEFAULT_DIR)).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The databases in use now.
+    pub fn current(&self) -> std::sync::Arc<GeoDb> {
+        let g = self.current.read().unwrap_or_else(|e| e.into_inner());
+        std::sync::Arc::clone(&g)
+    }
+
+    /// Opens the path again if its files changed since the last (re)load. `Ok(true)` when new
+    /// databases are in use; `Err` (with the previous databases still in use) when the new
+    /// files do not open. A broken file is not retried until it changes again.
+    pub fn reload(&self) -> Result<bool, GeoError> {
+        let now = stamp(&self.path);
+        {
+            let mut seen = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return Ok(false);
+            }
+            *seen = now;
+        }
+        let db = GeoDb::open(&self.path)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(db);
+        Ok(true)
     }
 }
 
@@ -261,5 +355,47 @@ mod tests {
         assert!(e.is_err());
         let e = GeoDb::open(Path::new("/nonexistent/geo.mmdb")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/geo.mmdb"), "{e}");
+    }
+
+    #[test]
+    fn an_asn_database_gives_the_network() {
+        let asn = GeoDb::open(&Path::new(TEST_DIR).join("GeoLite2-ASN-Test.mmdb")).unwrap();
+        assert_eq!(asn.locate("1.128.0.0".parse().unwrap()).asn, Some(1221));
+    }
+
+    #[test]
+    fn a_replaced_database_is_swapped_in_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("geo.mmdb");
+        let copy_over = |from: &str| {
+            // As geoipupdate does: a new file renamed over the old one.
+            let tmp = dir.path().join("geo.mmdb.tmp");
+            std::fs::copy(Path::new(TEST_DIR).join(from), &tmp).unwrap();
+            std::fs::rename(&tmp, &live).unwrap();
+        };
+        copy_over("GeoLite2-ASN-Test.mmdb");
+        let h = GeoHandle::open(&live).unwrap();
+        let ip: IpAddr = "81.2.69.160".parse().unwrap();
+        assert_eq!(
+            h.current().country(ip),
+            None,
+            "an ASN database has no countries"
+        );
+        assert!(!h.reload().unwrap(), "unchanged");
+        copy_over("GeoIP2-City-Test.mmdb");
+        assert!(h.reload().unwrap());
+        assert_eq!(h.current().country(ip), Some(*b"GB"));
+        copy_over("GeoIP2-City-Test-Invalid-Node-Count.mmdb");
+        let e = h.reload().unwrap_err();
+        assert!(e.to_string().contains("geo.mmdb"), "{e}");
+        assert_eq!(
+            h.current().country(ip),
+            Some(*b"GB"),
+            "the previous database stays"
+        );
+        assert!(
+            !h.reload().unwrap(),
+            "the broken file is not retried until it changes"
+        );
     }
 }

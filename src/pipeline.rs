@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::detect::{Context, Detector, Detectors, Observation};
 use crate::event::{self, RejectReason};
-use crate::geo::{GeoDb, Location};
+use crate::geo::{GeoHandle, Location};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
 use crate::notify::{AlertChange, ChangeTracker};
@@ -102,10 +102,13 @@ impl SharedKeys {
     }
 }
 
+/// How often a running pipeline saves what the detectors learned (and always when it stops).
+const STATE_SAVE_EVERY: Duration = Duration::from_secs(600);
+
 /// Detection: the detectors, and the GeoIP databases that say where a request came from.
 pub struct Detection {
     pub detectors: Detectors,
-    pub geo: Option<Arc<GeoDb>>,
+    pub geo: Option<Arc<GeoHandle>>,
     /// When set, the alert changes worth a notification are queued in the outbox.
     pub notify: Option<ChangeTracker>,
 }
@@ -185,6 +188,8 @@ pub struct Pipeline {
     on_progress: Option<Progress>,
     /// When notifications are on: which findings open, raise or resolve an alert.
     changes: Option<ChangeTracker>,
+    /// When the detectors' state was last saved.
+    state_saved: Instant,
 }
 
 /// Queues the notification-worthy change `f` makes, when notifications are on.
@@ -220,6 +225,7 @@ impl Pipeline {
             on_progress: None,
             detection: None,
             changes: None,
+            state_saved: Instant::now(),
         }
     }
 
@@ -250,6 +256,12 @@ impl Pipeline {
     /// deterministic given the key cache; commits nothing.
     pub fn process(&mut self, chunk: &Chunk) {
         let cache = self.keys.get();
+        // Once per chunk: a database swapped in by a reload applies from the next chunk.
+        let geo = self
+            .detection
+            .as_ref()
+            .and_then(|d| d.geo.as_ref())
+            .map(|g| g.current());
         let now = Utc::now();
         let mut line_no = chunk.first_line_no;
         let mut accepted = 0u64;
@@ -327,7 +339,7 @@ impl Pipeline {
             // Detectors run on event time within the lateness bound; later lines are counted
             // above but would rewrite windows the detectors have already closed.
             if let Some(d) = self.detection.as_mut().filter(|_| !late) {
-                let loc = match (rec.source_ip, &d.geo) {
+                let loc = match (rec.source_ip, &geo) {
                     (Some(ip), Some(g)) => g.locate(ip),
                     _ => Location::default(),
                 };
@@ -342,7 +354,7 @@ impl Pipeline {
                     city: loc.city,
                     lat_lon: loc.lat_lon,
                     accuracy_km: loc.accuracy_km,
-                    asn: None,
+                    asn: loc.asn,
                     user_agent: rec.user_agent.map(|u| u.into_owned()),
                     origin: rec.origin.map(|o| o.into_owned()),
                     mcp: Some(mcp.to_string()).filter(|m| !m.is_empty()),
@@ -523,9 +535,29 @@ impl Pipeline {
             }
             if self.flush_due() {
                 self.flush_with_retry(give_up).await?;
+                // Right after a commit the state matches the checkpoints; saving it now and
+                // then bounds what a crash (kill -9) makes the detectors forget.
+                if self.state_saved.elapsed() >= STATE_SAVE_EVERY {
+                    self.save_detector_state().await;
+                }
             }
         }
         self.flush_with_retry(give_up).await?;
+        self.save_detector_state().await;
         Ok(self.stats)
+    }
+
+    /// Keeps what the detectors learned for the next start, now that everything they saw is
+    /// committed (a dry run keeps nothing). A failure costs a warm-up, not data: it is logged.
+    async fn save_detector_state(&mut self) {
+        self.state_saved = Instant::now();
+        let Some(d) = self.detection.as_ref().filter(|_| !self.opts.dry_run) else {
+            return;
+        };
+        let states = d.detectors.save_state();
+        let at = self.watermark.unwrap_or_else(Utc::now);
+        if let Err(e) = self.store.save_detector_state(&states, at).await {
+            tracing::warn!(error = %e, "Could not save what the detectors learned; they start over at the next start.");
+        }
     }
 }

@@ -123,8 +123,10 @@ fn an_alert_marked_benign_teaches_the_key_its_country() {
             &["alert", "benign", &id, "--reason", "our Linköping office"],
         );
 
-        // A week later (a new process, the old episode long over): the same visit again.
-        // The key has learned Sweden, so nothing new is raised and the alert stays benign.
+        // A week later (a new process, the old episode long over, and what the detectors
+        // learned lost): the same visit again. The benign mark alone has taught the key
+        // Sweden, so nothing new is raised and the alert stays benign.
+        db.exec("DELETE FROM kw_detector_state");
         let second = db.path("week2.ndjson");
         write_visit(&second, &prefix, "2026-11-09T00:00:00Z".parse().unwrap());
         ingest(&db, &second, "alerts.toml");
@@ -140,12 +142,14 @@ fn an_alert_marked_benign_teaches_the_key_its_country() {
 
 #[test]
 fn an_unmarked_alert_fires_again_on_the_next_visit() {
-    // The control for the test above: without the benign mark the second visit is news.
+    // The control for the test above: without the benign mark (and with the detectors'
+    // saved state lost) the second visit is news.
     let db = TestDb::new(Backend::Sqlite).unwrap();
     let prefix = setup(&db);
     let first = db.path("week1.ndjson");
     write_visit(&first, &prefix, "2026-11-02T00:00:00Z".parse().unwrap());
     ingest(&db, &first, "alerts.toml");
+    db.exec("DELETE FROM kw_detector_state");
     let second = db.path("week2.ndjson");
     write_visit(&second, &prefix, "2026-11-09T00:00:00Z".parse().unwrap());
     ingest(&db, &second, "alerts.toml");
@@ -213,4 +217,63 @@ fn a_bad_alerts_file_is_refused_with_its_line_and_nothing_is_ingested() {
         db.query("SELECT CAST(COUNT(*) AS TEXT) FROM kw_usage_minute")[0][0].as_deref(),
         Some("0")
     );
+}
+
+/// `per_minute(i)` requests in each minute `i` from `from`, spread over the minute.
+fn write_rate(
+    path: &Path,
+    prefix: &str,
+    from: DateTime<Utc>,
+    minutes: i64,
+    per_minute: impl Fn(i64) -> u64,
+) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for i in 0..minutes {
+        let n = per_minute(i);
+        for j in 0..n {
+            let at = from + Duration::minutes(i) + Duration::milliseconds((j * 60_000 / n) as i64);
+            writeln!(
+                f,
+                r#"{{"created_at":"{}","organization_id":"{ORG}","api_key_id":"{KEY}","key_prefix":"{prefix}","mcp_server_name":"github","http_status_code":200,"latency_ms":40,"source_ip":"81.2.69.160"}}"#,
+                at.to_rfc3339()
+            )
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn what_the_detectors_learned_survives_a_restart() {
+    // Eight days at a steady 10 requests a minute, ingested by one process; then a second
+    // process sees an hour of the same and a fivefold spike. Only a detector that kept its
+    // baseline (a week of history) can call that a spike: a fresh one is still warming up.
+    let start: DateTime<Utc> = "2026-11-02T00:00:00Z".parse().unwrap();
+    let mut raised = Vec::new();
+    for keep_state in [true, false] {
+        let db = TestDb::new(Backend::Sqlite).unwrap();
+        let prefix = setup(&db);
+        let week = db.path("week.ndjson");
+        write_rate(&week, &prefix, start, 8 * 1440, |_| 10);
+        ingest(&db, &week, "alerts.toml");
+        assert_eq!(
+            db.query("SELECT CAST(COUNT(*) AS TEXT) FROM kw_detector_state")[0][0].as_deref(),
+            Some("2"),
+            "rate and location state saved"
+        );
+        if !keep_state {
+            db.exec("DELETE FROM kw_detector_state");
+        }
+        let next = db.path("next.ndjson");
+        write_rate(&next, &prefix, start + Duration::days(8), 80, |i| {
+            if i >= 60 { 50 } else { 10 }
+        });
+        ingest(&db, &next, "alerts.toml");
+        raised.push(
+            alerts(&db)
+                .iter()
+                .filter(|a| a["id"] == format!("rate_spike/key:{KEY}").as_str())
+                .count(),
+        );
+    }
+    assert_eq!(raised, [1, 0], "with the saved state, and without");
 }

@@ -10,8 +10,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -38,40 +37,6 @@ fn tool(name: &str) -> Option<PathBuf> {
         eprintln!("skipped: {name} is not installed (apt-get install prometheus)");
     }
     found
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A minimal HTTP/1.0 request (so no chunked answers): status, headers, body.
-fn http(addr: &str, request: &str) -> Option<(u16, String, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    s.write_all(request.as_bytes()).ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, head.to_owned(), body.to_owned()))
-}
-
-fn get(addr: &str, path: &str, accept: &str) -> Option<(u16, String, String)> {
-    http(
-        addr,
-        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"),
-    )
-}
-
-/// `/metrics` in the Prometheus text format.
-fn scrape(addr: &str) -> String {
-    let (status, _, body) = get(addr, "/metrics", "text/plain").expect("/metrics answers");
-    assert_eq!(status, 200, "{body}");
-    body
 }
 
 /// One sample of a text exposition.

@@ -120,7 +120,7 @@ pub fn is_routable(ip: IpAddr) -> bool {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Fix {
     at: DateTime<Utc>,
     lat_lon: (f64, f64),
@@ -131,7 +131,7 @@ struct Fix {
 /// What one key has learned. Memory: up to 32 × 2 B countries, 64 × 8 B city hashes,
 /// 64 × 4 B networks, one 48 B fix and ~40 B of scalars: at most about 0.9 KB, typically
 /// under 100 B.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Places {
     first_at: DateTime<Utc>,
     located: u32,
@@ -178,6 +178,37 @@ impl LocationDetector {
             allow: Allowlist::default(),
             episodes,
         }
+    }
+
+    /// The learned places, as JSON (see [`super::Detectors::save_state`]).
+    pub fn save_state(&self) -> String {
+        let mut keys: Vec<(&Uuid, &Places)> = self.keys.iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let mut orgs: Vec<(&Uuid, &Vec<[u8; 2]>)> = self.org_countries.iter().collect();
+        orgs.sort_by(|a, b| a.0.cmp(b.0));
+        serde_json::to_string(&(keys, orgs)).unwrap_or_default()
+    }
+
+    /// Takes back [`LocationDetector::save_state`]'s output; countries taught before it
+    /// (alerts marked benign) are added to what is restored.
+    pub fn restore_state(&mut self, json: &str) -> Result<(), serde_json::Error> {
+        type Saved = (Vec<(Uuid, Places)>, Vec<(Uuid, Vec<[u8; 2]>)>);
+        let (keys, orgs): Saved = serde_json::from_str(json)?;
+        for (k, mut p) in keys {
+            if let Some(taught) = self.keys.remove(&k) {
+                for c in taught.countries {
+                    push_bounded(&mut p.countries, c, MAX_COUNTRIES);
+                }
+            }
+            self.keys.insert(k, p);
+        }
+        for (o, cs) in orgs {
+            let v = self.org_countries.entry(o).or_default();
+            for c in cs {
+                push_bounded(v, c, MAX_COUNTRIES);
+            }
+        }
+        Ok(())
     }
 
     /// The same detector, quiet about the places `allow` covers.

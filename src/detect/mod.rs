@@ -185,7 +185,7 @@ impl fmt::Display for AlertType {
 }
 
 /// What an anomaly is about.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "id")]
 pub enum Subject {
     /// A key, by id.
@@ -729,6 +729,34 @@ impl Detectors {
                 .secrets
                 .enabled
                 .then(|| secrets::SecretDetector::new(s.secrets.clone())),
+        }
+    }
+
+    /// What the detectors have learned that takes days to learn again: the rate baselines
+    /// and the places keys are used from, as `(name, JSON)` for the store to keep across
+    /// restarts. Open episodes are not kept: an anomaly still there after a restart is raised
+    /// again, as a new episode.
+    pub fn save_state(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.rate {
+            out.push(("rate", r.save_state()));
+        }
+        if let Some(l) = &self.location {
+            out.push(("location", l.save_state()));
+        }
+        out
+    }
+
+    /// Takes back what [`Detectors::save_state`] saved under `name`; state of a detector that
+    /// is off now, or of an unknown name, is ignored.
+    pub fn restore_state(&mut self, name: &str, json: &str) -> Result<(), serde_json::Error> {
+        match name {
+            "rate" => self.rate.as_mut().map_or(Ok(()), |r| r.restore_state(json)),
+            "location" => self
+                .location
+                .as_mut()
+                .map_or(Ok(()), |l| l.restore_state(json)),
+            _ => Ok(()),
         }
     }
 

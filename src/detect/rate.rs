@@ -154,7 +154,7 @@ struct Baseline {
 /// about 56 B of scalars: roughly 4.2 KB per key (and per organization), plus the hash map
 /// entry. Window peaks are `u16`: the highest `rate_limit_rpm` (10,000) allows 50,000
 /// requests in 5 minutes, below 65,535; counts saturate rather than wrap all the same.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Series {
     first_hour: i64,
     /// Newest hour index (hours since the epoch) written.
@@ -329,6 +329,25 @@ impl RateDetector {
             series: HashMap::new(),
             episodes,
         }
+    }
+
+    /// The learned series, as JSON (see [`super::Detectors::save_state`]).
+    pub fn save_state(&self) -> String {
+        let mut v: Vec<(&Subject, &Series)> = self.series.iter().collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        serde_json::to_string(&v).unwrap_or_default()
+    }
+
+    /// Takes back [`RateDetector::save_state`]'s output; subjects already seen keep theirs.
+    pub fn restore_state(&mut self, json: &str) -> Result<(), serde_json::Error> {
+        let v: Vec<(Subject, Series)> = serde_json::from_str(json)?;
+        for (subject, series) in v {
+            // A ring of another size (a different keywatch) would index out of bounds.
+            if series.totals.len() == RING_HOURS && series.peaks.len() == RING_HOURS {
+                self.series.entry(subject).or_insert(series);
+            }
+        }
+        Ok(())
     }
 
     /// Subjects with state (for metrics and memory accounting).

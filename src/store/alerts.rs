@@ -219,3 +219,38 @@ impl Store {
             .collect())
     }
 }
+
+impl Store {
+    /// Saves each detector's learned state (see `Detectors::save_state`), replacing the last.
+    pub async fn save_detector_state(
+        &self,
+        states: &[(&'static str, String)],
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        for (name, state) in states {
+            with_pool!(self, p => sqlx::query(
+                "INSERT INTO kw_detector_state (name, state, saved_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET state = excluded.state, saved_at = excluded.saved_at",
+            )
+            .bind(*name)
+            .bind(state)
+            .bind(DbTime(at))
+            .execute(p)
+            .await
+            .map(|_| ()))
+            .context("saving detector state")?;
+        }
+        Ok(())
+    }
+
+    /// The detectors' saved states, by name.
+    pub async fn detector_state(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<(String, String)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT name, state FROM kw_detector_state ORDER BY name",
+        )
+        .fetch_all(p)
+        .await)
+        .context("reading detector state")?;
+        Ok(rows)
+    }
+}

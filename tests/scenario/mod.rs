@@ -17,6 +17,8 @@ use std::path::Path;
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Timelike, Utc};
 use keywatch::keys::NewKey;
+
+use crate::common::Rng;
 use uuid::Uuid;
 
 /// Where a request comes from: `(first three octets, first host, hosts)` in a block MaxMind's
@@ -184,46 +186,6 @@ pub struct Scenario {
     pub keys: Vec<ScnKey>,
     pub incidents: Vec<Incident>,
     pub lines: u64,
-}
-
-/// SplitMix64: small, fast and the same everywhere.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn poisson(&mut self, mean: f64) -> u64 {
-        if mean <= 0.0 {
-            return 0;
-        }
-        if mean > 40.0 {
-            let u1 = self.unit().max(1e-12);
-            let u2 = self.unit();
-            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            return (mean + z * mean.sqrt()).round().max(0.0) as u64;
-        }
-        let l = (-mean).exp();
-        let (mut k, mut p) = (0, 1.0);
-        loop {
-            p *= self.unit();
-            if p <= l {
-                return k;
-            }
-            k += 1;
-        }
-    }
 }
 
 fn t(s: &str) -> DateTime<Utc> {
