@@ -1005,6 +1005,7 @@ pub struct Metrics {
     key_cache_orgs: IntGauge,
     key_cache_loaded: IntGauge,
     outbox_depth: IntGauge,
+    outbox_oldest_age: prometheus::Gauge,
     notifications: IntCounterVec,
     traffic: Arc<Mutex<Traffic>>,
     started: Instant,
@@ -1079,6 +1080,11 @@ impl Metrics {
             "Alert changes and notifications waiting in the outbox (not yet delivered).",
         )
         .expect("valid metric");
+        let outbox_oldest_age = prometheus::Gauge::new(
+            "keywatch_notify_outbox_oldest_age_seconds",
+            "How long the oldest alert change or notification in the outbox has waited (0 when it is empty).",
+        )
+        .expect("valid metric");
         let notifications = IntCounterVec::new(
             Opts::new(
                 "keywatch_notifications_total",
@@ -1110,6 +1116,7 @@ impl Metrics {
             Box::new(key_cache_orgs.clone()),
             Box::new(key_cache_loaded.clone()),
             Box::new(outbox_depth.clone()),
+            Box::new(outbox_oldest_age.clone()),
             Box::new(notifications.clone()),
             Box::new(collector),
         ] {
@@ -1131,6 +1138,7 @@ impl Metrics {
             key_cache_orgs,
             key_cache_loaded,
             outbox_depth,
+            outbox_oldest_age,
             notifications,
             traffic,
             started,
@@ -1157,6 +1165,11 @@ impl Metrics {
     /// Sets how much waits in the outbox.
     pub fn outbox_depth(&self, n: u64) {
         self.outbox_depth.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets how long the oldest entry of the outbox has waited, in seconds.
+    pub fn outbox_oldest_age(&self, secs: f64) {
+        self.outbox_oldest_age.set(secs);
     }
 
     fn traffic(&self) -> std::sync::MutexGuard<'_, Traffic> {

@@ -116,6 +116,10 @@ impl Sender {
         }
         if let Ok(d) = self.store.outbox_depth().await {
             self.metrics.outbox_depth(d.changes + d.pending);
+            let age = d
+                .oldest
+                .map_or(0.0, |o| (now - o).num_milliseconds().max(0) as f64 / 1e3);
+            self.metrics.outbox_oldest_age(age);
         }
         Ok(sent)
     }

@@ -54,6 +54,8 @@ pub struct OutboxDepth {
     pub changes: u64,
     /// Notifications waiting for delivery (including retries).
     pub pending: u64,
+    /// When the oldest of either was queued.
+    pub oldest: Option<DateTime<Utc>>,
 }
 
 impl Store {
@@ -207,16 +209,20 @@ impl Store {
 
     /// What is waiting in the outbox.
     pub async fn outbox_depth(&self) -> Result<OutboxDepth, StoreError> {
-        let row: (i64, i64) = with_pool!(self, p => sqlx::query_as(
+        let row: (i64, i64, Option<String>, Option<String>) = with_pool!(self, p => sqlx::query_as(
             "SELECT (SELECT COUNT(*) FROM kw_outbox WHERE dispatched_at IS NULL), \
-             (SELECT COUNT(*) FROM kw_notifications WHERE status = 'pending')",
+             (SELECT COUNT(*) FROM kw_notifications WHERE status = 'pending'), \
+             (SELECT CAST(MIN(created_at) AS TEXT) FROM kw_outbox WHERE dispatched_at IS NULL), \
+             (SELECT CAST(MIN(created_at) AS TEXT) FROM kw_notifications WHERE status = 'pending')",
         )
         .fetch_one(p)
         .await)
         .context("counting the outbox")?;
+        let t = |s: Option<String>| s.and_then(|s| crate::event::parse_timestamp(&s).ok());
         Ok(OutboxDepth {
             changes: row.0.max(0) as u64,
             pending: row.1.max(0) as u64,
+            oldest: t(row.2).into_iter().chain(t(row.3)).min(),
         })
     }
 
