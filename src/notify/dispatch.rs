@@ -149,23 +149,7 @@ mod tests {
     use crate::detect::Severity;
     use crate::notify::ChangeKind;
     use crate::notify::route::Router;
-
-    fn change(t: &str, sev: Severity, kind: ChangeKind) -> AlertChange {
-        AlertChange {
-            kind,
-            fingerprint: format!("{t}/key:k1"),
-            alert_type: t.into(),
-            severity: sev,
-            key_id: Some("k1".into()),
-            key_prefix: Some("pmcp_k1".into()),
-            org_id: Some("o".into()),
-            source_ip: None,
-            started_at: Utc::now(),
-            at: Utc::now(),
-            summary: String::new(),
-            evidence: serde_json::Value::Null,
-        }
-    }
+    use crate::notify::test_support::change;
 
     #[test]
     fn a_firing_critical_alert_of_a_key_holds_back_its_lesser_alerts_in_every_group() {

@@ -330,6 +330,30 @@ pub async fn drain(
     Ok(sent)
 }
 
+/// A change of key `k1` for the dispatch and inhibition tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{AlertChange, ChangeKind};
+    use crate::detect::Severity;
+
+    pub(crate) fn change(t: &str, sev: Severity, kind: ChangeKind) -> AlertChange {
+        AlertChange {
+            kind,
+            fingerprint: format!("{t}/key:k1"),
+            alert_type: t.into(),
+            severity: sev,
+            key_id: Some("k1".into()),
+            key_prefix: Some("pmcp_k1".into()),
+            org_id: Some("o".into()),
+            source_ip: None,
+            started_at: chrono::Utc::now(),
+            at: chrono::Utc::now(),
+            summary: String::new(),
+            evidence: serde_json::Value::Null,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,23 +74,7 @@ impl Inhibitors {
 mod tests {
     use super::*;
     use crate::notify::ChangeKind;
-
-    fn change(t: &str, sev: Severity, kind: ChangeKind) -> AlertChange {
-        AlertChange {
-            kind,
-            fingerprint: format!("{t}/key:k1"),
-            alert_type: t.into(),
-            severity: sev,
-            key_id: Some("k1".into()),
-            key_prefix: Some("pmcp_k1".into()),
-            org_id: Some("o".into()),
-            source_ip: None,
-            started_at: Utc::now(),
-            at: Utc::now(),
-            summary: String::new(),
-            evidence: serde_json::Value::Null,
-        }
-    }
+    use crate::notify::test_support::change;
 
     #[test]
     fn a_silence_mutes_until_it_expires() {
