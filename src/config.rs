@@ -214,6 +214,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::notify::config::ReceiverSettings;
 
     #[test]
     fn the_shipped_file_is_valid() {
@@ -295,26 +296,28 @@ mod tests {
             "KEYWATCH_ALERT_TO" => Some("a@example.com, b@example.com".to_string()),
             _ => None,
         };
-        let r = cfg.resolve(&env, Path::new("/tmp")).unwrap();
+        let email = |r: Vec<ReceiverSettings>| match r.into_iter().next() {
+            Some(ReceiverSettings::Email(e)) => e,
+            other => panic!("the shipped receiver is email: {other:?}"),
+        };
+        let r = [email(cfg.resolve(&env, Path::new("/tmp")).unwrap())];
         let s = r[0].server.as_ref().unwrap();
         assert_eq!(s.url, "smtp://mail.example.com:587?tls=required");
         assert_eq!(s.username.as_deref(), Some("alerts"));
         assert_eq!(s.password.as_deref(), Some("s3cret"));
         assert!(!format!("{s:?}").contains("s3cret"));
         assert_eq!(r[0].to, ["a@example.com", "b@example.com"]);
-        let local = cfg
-            .resolve(
+        let local = email(
+            cfg.resolve(
                 &|k: &str| (k == "KEYWATCH_SMTP_URL").then(|| "smtp://127.0.0.1:2525".into()),
                 Path::new("/tmp"),
             )
-            .unwrap();
-        assert_eq!(
-            local[0].server.as_ref().unwrap().url,
-            "smtp://127.0.0.1:2525"
+            .unwrap(),
         );
-        let none = cfg.resolve(&|_: &str| None, Path::new("/d")).unwrap();
-        assert!(none[0].server.is_none());
-        assert_eq!(none[0].mailbox, Path::new("/d/keywatch-alerts.mbox"));
+        assert_eq!(local.server.as_ref().unwrap().url, "smtp://127.0.0.1:2525");
+        let none = email(cfg.resolve(&|_: &str| None, Path::new("/d")).unwrap());
+        assert!(none.server.is_none());
+        assert_eq!(none.mailbox, Path::new("/d/keywatch-alerts.mbox"));
     }
 
     #[test]

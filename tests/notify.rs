@@ -15,11 +15,13 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// A running SMTP sink; killed when dropped.
+/// A running SMTP (or webhook) sink; killed when dropped.
 struct Sink {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    script: &'static str,
+    args: Vec<String>,
 }
 
 fn aiosmtpd_available() -> bool {
@@ -54,15 +56,29 @@ impl Sink {
             child: None,
             port,
             dir,
+            script: "smtp_sink.py",
+            args: vec![],
         }
+    }
+
+    /// A sink started by `script` in tests/data with `args` after its port and directory.
+    fn with(mut self, script: &'static str, args: &[&str]) -> Sink {
+        self.script = script;
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self
     }
 
     fn start(&mut self) {
         use std::io::BufRead;
         let mut child = Command::new("python3")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smtp_sink.py"))
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/data")
+                    .join(self.script),
+            )
             .arg(self.port.to_string())
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -71,7 +87,7 @@ impl Sink {
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        assert_eq!(line.trim(), "ready", "the SMTP sink started");
+        assert_eq!(line.trim(), "ready", "the sink {} started", self.script);
         self.child = Some(child);
     }
 
@@ -99,12 +115,19 @@ impl Drop for Sink {
     }
 }
 
+/// Writes `text` to `name` in the test's directory.
+fn write_file(db: &TestDb, name: &str, text: &str) -> PathBuf {
+    let p = db.path(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
 /// An alerts.toml sending to `port`, with timers short enough for a test.
 fn alerts_toml(db: &TestDb, port: u16, group_by: &str) -> PathBuf {
-    let p = db.path("alerts.toml");
-    std::fs::write(
-        &p,
-        format!(
+    write_file(
+        db,
+        "alerts.toml",
+        &format!(
             r#"
 [delivery]
 retry_initial = "1s"
@@ -124,8 +147,6 @@ group_interval = "1s"
 "#
         ),
     )
-    .unwrap();
-    p
 }
 
 /// Key probing from each of `ips`: one auth_failure_burst alert per address. The presented
@@ -479,5 +500,540 @@ fn demo_writes_the_emails_it_would_send_to_its_mbox() {
     assert!(
         !mbox.contains("pmcp_") || !mbox.contains("pmcp_live_"),
         "no full key"
+    );
+}
+
+/// `keywatch run` with `cfg`, reading only an empty log, with `env` set.
+fn spawn_daemon(db: &TestDb, cfg: &Path, env: &[(&str, &str)]) -> Child {
+    let empty = db.path("empty.log");
+    std::fs::write(&empty, "").unwrap();
+    keywatch()
+        .args(["--database-url", &db.url, "run", "--listen", "127.0.0.1:0"])
+        .arg("--alerts")
+        .arg(cfg)
+        .arg("--source")
+        .arg(format!("file:{}", empty.display()))
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts")
+}
+
+fn stop(mut daemon: Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status();
+    let _ = daemon.wait();
+}
+
+fn ingest_notify(db: &TestDb, cfg: &Path, log: &Path, env: &[(&str, &str)]) {
+    let out = keywatch()
+        .args(["--database-url", &db.url, "ingest", "--notify", "--alerts"])
+        .arg(cfg)
+        .arg(log)
+        .envs(env.iter().copied())
+        .output()
+        .expect("keywatch runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn webhooks_are_signed_retried_by_id_and_slack_shaped() {
+    if !aiosmtpd_available() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    let mut hook = Sink::new(db.path("hook"), free_port()).with(
+        "webhook_sink.py",
+        &["--secret", "hook-secret", "--fail-first", "1"],
+    );
+    let mut slack = Sink::new(db.path("slack"), free_port()).with("webhook_sink.py", &[]);
+    hook.start();
+    slack.start();
+    let cfg = write_file(
+        &db,
+        "alerts.toml",
+        &format!(
+            r#"
+[delivery]
+retry_initial = "1s"
+retry_max = "2s"
+
+[[receivers]]
+name = "hook"
+type = "webhook"
+url = "http://127.0.0.1:{}/hook"
+secret_env = "KW_TEST_HOOK_SECRET"
+
+[[receivers]]
+name = "slack"
+type = "webhook"
+format = "slack"
+url = "http://127.0.0.1:{}/slack"
+
+[route]
+receiver = "hook"
+group_wait = "0s"
+group_interval = "1s"
+
+[[routes]]
+receiver = "slack"
+types = ["auth_failure_burst"]
+continue = true
+
+[[routes]]
+receiver = "hook"
+types = ["auth_failure_burst"]
+"#,
+            hook.port, slack.port
+        ),
+    );
+    let env = [("KW_TEST_HOOK_SECRET", "hook-secret")];
+    let log = probe_log(&db, "probe.log", &["89.160.20.112"]);
+    ingest_notify(&db, &cfg, &log, &env);
+    // The hook answered 503 the first time: the daemon retries it.
+    let daemon = spawn_daemon(&db, &cfg, &env);
+    let done = wait_until(Duration::from_secs(30), || hook.messages().len() >= 2);
+    std::thread::sleep(Duration::from_millis(500));
+    stop(daemon);
+    let got = hook.messages();
+    assert!(done, "the retry arrived: {got:?}");
+    assert_eq!(got.len(), 2, "one failed attempt, one delivery: {got:?}");
+    assert_eq!(got[0]["answered"], 503);
+    assert_eq!(got[1]["answered"], 200);
+    let id = &got[0]["headers"]["x-keywatch-notification-id"];
+    assert!(id.is_string());
+    assert_eq!(
+        &got[1]["headers"]["x-keywatch-notification-id"], id,
+        "a retry has the same id"
+    );
+    for m in &got {
+        assert_eq!(m["path"], "/hook");
+        assert_eq!(m["signature_ok"], true, "signed with the secret: {m}");
+        assert_eq!(m["headers"]["content-type"], "application/json");
+        let body = &m["body"];
+        assert_eq!(body["version"], "1");
+        assert_eq!(body["status"], "firing");
+        assert_eq!(body["id"], *id);
+        let a = &body["alerts"][0];
+        assert_eq!(a["type"], "auth_failure_burst");
+        assert_eq!(a["status"], "firing");
+        assert_eq!(a["source_ip"], "89.160.20.112");
+    }
+    let s = slack.messages();
+    assert_eq!(s.len(), 1, "{s:?}");
+    let text = s[0]["body"]["text"].as_str().unwrap();
+    assert!(text.starts_with("*[keywatch] "), "{text}");
+    assert!(text.contains("auth failure burst"), "{text}");
+    assert!(!text.contains("<b>"), "Slack markup is escaped: {text}");
+    assert_eq!(
+        s[0]["signature_ok"],
+        Value::Null,
+        "no secret, no signature check"
+    );
+    assert!(notification_states(&db).iter().all(|(st, _)| st == "sent"));
+}
+
+/// Debian's prometheus-alertmanager, on a free port; killed when dropped.
+struct Alertmanager {
+    child: Child,
+    port: u16,
+}
+
+impl Alertmanager {
+    fn start(dir: &Path) -> Option<Alertmanager> {
+        let bin = Path::new("/usr/bin/prometheus-alertmanager");
+        if !bin.exists() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI is set but prometheus-alertmanager is missing (apt-get install prometheus-alertmanager)"
+            );
+            eprintln!("skipped: Alertmanager test (apt-get install prometheus-alertmanager)");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("alertmanager.yml");
+        std::fs::write(
+            &cfg,
+            "route:\n  receiver: blackhole\n  group_wait: 1h\nreceivers:\n  - name: blackhole\n",
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("alertmanager starts");
+        let am = Alertmanager { child, port };
+        assert!(
+            wait_until(Duration::from_secs(30), || http_get(am.port, "/-/ready")
+                .is_some_and(|(status, _)| status == 200)),
+            "Alertmanager became ready"
+        );
+        Some(am)
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: the status and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // Alertmanager's answers are small: join the chunks.
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                break;
+            }
+            out.push_str(tail.get(..n)?);
+            rest = tail.get(n + 2..)?;
+        }
+        out
+    } else {
+        body.to_owned()
+    };
+    Some((status, body))
+}
+
+#[test]
+fn a_real_alertmanager_receives_the_alerts_with_their_labels() {
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    let Some(am) = Alertmanager::start(&db.path("am")) else {
+        return;
+    };
+    let cfg = write_file(
+        &db,
+        "alerts.toml",
+        &format!(
+            r#"
+[[receivers]]
+name = "am"
+type = "alertmanager"
+url = "http://127.0.0.1:{}"
+
+[route]
+group_by = ["fingerprint"]
+group_wait = "0s"
+"#,
+            am.port
+        ),
+    );
+    let log = probe_log(&db, "probe.log", &["89.160.20.112", "81.2.69.160"]);
+    ingest_notify(&db, &cfg, &log, &[]);
+    let mut alerts = Vec::new();
+    let arrived = wait_until(Duration::from_secs(20), || {
+        alerts = http_get(am.port, "/api/v2/alerts")
+            .and_then(|(_, body)| serde_json::from_str::<Vec<Value>>(&body).ok())
+            .unwrap_or_default();
+        alerts.len() >= 2
+    });
+    assert!(arrived, "two alerts in Alertmanager: {alerts:?}");
+    for a in &alerts {
+        let l = &a["labels"];
+        assert_eq!(l["alertname"], "auth_failure_burst", "{a}");
+        assert_eq!(l["source"], "keywatch");
+        assert!(
+            l["severity"].is_string() && l["fingerprint"].is_string(),
+            "{a}"
+        );
+        assert!(
+            a["annotations"]["summary"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+            "{a}"
+        );
+        assert_eq!(a["status"]["state"], "active", "firing: {a}");
+    }
+    assert_eq!(notification_states(&db).len(), 2);
+    assert!(notification_states(&db).iter().all(|(s, _)| s == "sent"));
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, made by openssl in `dir`: (ca, cert, key).
+fn test_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=keywatch test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+    )
+}
+
+fn tls_toml(db: &TestDb, name: &str, url: &str, ca: &Path) -> PathBuf {
+    write_file(
+        db,
+        name,
+        &format!(
+            r#"
+[delivery]
+timeout = "3s"
+
+[[receivers]]
+name = "security"
+type = "email"
+url = "{url}"
+password_env = "KW_TEST_SMTP_PASSWORD"
+ca_file = "{}"
+from = "keywatch <keywatch@example.com>"
+to = ["sec@example.com"]
+
+[route]
+group_by = ["fingerprint"]
+group_wait = "0s"
+"#,
+            ca.display()
+        ),
+    )
+}
+
+#[test]
+fn starttls_and_implicit_tls_with_a_test_certificate_and_auth() {
+    if !aiosmtpd_available() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    let (ca, cert, key) = test_certificate(&db.path("tls"));
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let mut starttls = Sink::new(db.path("starttls"), free_port()).with(
+        "smtp_sink.py",
+        &["--tls", cert, key, "--auth", "kw", "right-password"],
+    );
+    let mut implicit = Sink::new(db.path("implicit"), free_port()).with(
+        "smtp_sink.py",
+        &[
+            "--tls",
+            cert,
+            key,
+            "--implicit-tls",
+            "--auth",
+            "kw",
+            "right-password",
+        ],
+    );
+    starttls.start();
+    implicit.start();
+    let good = [("KW_TEST_SMTP_PASSWORD", "right-password")];
+    // One alert (from `ip`) through the server at `url`.
+    let send = |name: &str, url: String, ip: &str, env: &[(&str, &str)]| {
+        let cfg = tls_toml(&db, &format!("{name}.toml"), &url, &ca);
+        ingest_notify(
+            &db,
+            &cfg,
+            &probe_log(&db, &format!("{name}.log"), &[ip]),
+            env,
+        );
+        cfg
+    };
+    let starttls_url = format!("smtp://kw@127.0.0.1:{}?tls=required", starttls.port);
+    send("starttls", starttls_url.clone(), "89.160.20.112", &good);
+    assert!(wait_until(Duration::from_secs(20), || !starttls
+        .messages()
+        .is_empty()));
+    let m = &starttls.messages()[0];
+    assert_eq!(m["tls"], true, "sent after STARTTLS: {m}");
+    assert_eq!(m["auth"], true, "authenticated: {m}");
+    assert_eq!(m["rcpt_to"], serde_json::json!(["sec@example.com"]));
+
+    send(
+        "implicit",
+        format!("smtps://kw@127.0.0.1:{}", implicit.port),
+        "81.2.69.160",
+        &good,
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !implicit.messages().is_empty()),
+        "{:?}",
+        db.query("SELECT status, last_error FROM kw_notifications")
+    );
+    assert_eq!(implicit.messages()[0]["auth"], true);
+
+    // A wrong password is refused: nothing is delivered, and the error is kept on the row.
+    let cfg = send(
+        "wrong",
+        starttls_url,
+        "175.16.199.1",
+        &[("KW_TEST_SMTP_PASSWORD", "wrong")],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        starttls.messages().len(),
+        1,
+        "nothing sent with a wrong password"
+    );
+    let rows = db.query("SELECT status, last_error FROM kw_notifications ORDER BY created_at");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_ne!(rows[2][0].as_deref(), Some("sent"), "{rows:?}");
+    assert!(
+        rows[2][1].as_deref().is_some_and(|e| e.contains("SMTP")),
+        "{rows:?}"
+    );
+    // Without the CA, the server's certificate is not trusted and nothing is sent.
+    let no_ca = db.path("no-ca.toml");
+    std::fs::write(
+        &no_ca,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("ca_file"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    ingest_notify(
+        &db,
+        &no_ca,
+        &probe_log(&db, "d.log", &["89.160.20.113"]),
+        &good,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        starttls.messages().len(),
+        1,
+        "an untrusted certificate gets nothing"
+    );
+}
+
+#[test]
+fn kill_9_between_accepted_and_marked_sent_gives_one_duplicate_with_the_same_message_id() {
+    if !aiosmtpd_available() {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    // The server keeps each message, then waits 4 s before saying so: a crash in that window
+    // is a crash between "accepted" and "marked sent".
+    let mut sink =
+        Sink::new(db.path("mail"), free_port()).with("smtp_sink.py", &["--reply-delay", "4"]);
+    let cfg = alerts_toml(&db, sink.port, r#""fingerprint""#);
+    ingest_notify(
+        &db,
+        &cfg,
+        &probe_log(&db, "probe.log", &["89.160.20.112"]),
+        &[],
+    );
+    assert_eq!(
+        notification_states(&db).len(),
+        1,
+        "queued while the server was down"
+    );
+    sink.start();
+    let mut first = spawn_daemon(&db, &cfg, &[]);
+    assert!(wait_until(Duration::from_secs(30), || sink
+        .messages()
+        .len()
+        == 1));
+    first.kill().unwrap();
+    let _ = first.wait();
+    assert_eq!(
+        notification_states(&db)[0].0,
+        "pending",
+        "killed before it was marked sent"
+    );
+    let second = spawn_daemon(&db, &cfg, &[]);
+    let sent = wait_until(Duration::from_secs(30), || {
+        notification_states(&db)
+            .first()
+            .is_some_and(|(s, _)| s == "sent")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop(second);
+    assert!(sent, "{:?}", notification_states(&db));
+    let msgs = sink.messages();
+    assert_eq!(msgs.len(), 2, "exactly one duplicate: {msgs:?}");
+    assert_eq!(
+        msgs[0]["message_id"], msgs[1]["message_id"],
+        "the duplicate is recognisable by its Message-ID"
     );
 }

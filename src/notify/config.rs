@@ -24,7 +24,7 @@ pub struct DeliveryRaw {
     pub retry_max: String,
     /// A notification not delivered this long after it was queued is marked failed.
     pub give_up_after: String,
-    /// Connecting, and each SMTP command, time out after this.
+    /// Connecting, and a whole SMTP exchange or HTTP request, time out after this.
     pub timeout: String,
 }
 
@@ -44,6 +44,31 @@ impl Default for DeliveryRaw {
 #[serde(rename_all = "lowercase")]
 pub enum ReceiverKind {
     Email,
+    /// A JSON POST, signed with HMAC-SHA256 (or Slack's incoming-webhook shape).
+    Webhook,
+    /// A Prometheus Alertmanager's `/api/v2/alerts`.
+    Alertmanager,
+}
+
+impl ReceiverKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReceiverKind::Email => "email",
+            ReceiverKind::Webhook => "webhook",
+            ReceiverKind::Alertmanager => "alertmanager",
+        }
+    }
+}
+
+/// What a webhook receiver posts.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// keywatch's documented payload (README, "Webhook payload").
+    #[default]
+    Json,
+    /// `{"text": ...}`, which Slack-compatible incoming webhooks take.
+    Slack,
 }
 
 /// How an email receiver protects its SMTP connection.
@@ -68,15 +93,25 @@ pub struct ReceiverRaw {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: ReceiverKind,
-    /// The SMTP server as a URL (`smtp://user@host:587`, `smtps://host:465`).
+    /// Email: the SMTP server as a URL (`smtp://user@host:587`, `smtps://host:465`).
+    /// Webhook: the URL to POST to. Alertmanager: its base URL (`http://am:9093`).
     pub url: Option<String>,
-    /// The environment variable holding that URL; unset or empty: the mailbox file.
+    /// The environment variable holding that URL; for email, unset or empty means the mailbox
+    /// file.
     pub url_env: Option<String>,
+    /// Webhook: the environment variable holding the HMAC-SHA256 signing secret.
+    pub secret_env: Option<String>,
+    /// Webhook: the payload's shape.
+    #[serde(default)]
+    pub format: WebhookFormat,
     pub host: Option<String>,
     pub port: Option<u16>,
     #[serde(default)]
     pub starttls: StartTls,
     pub username: Option<String>,
+    /// A PEM file of certificate authorities to trust for this server, besides the system's
+    /// (a relay with a certificate from an internal CA).
+    pub ca_file: Option<PathBuf>,
     /// The environment variable holding the SMTP password.
     pub password_env: Option<String>,
     pub from: Option<String>,
@@ -113,10 +148,13 @@ impl Default for Receivers {
             kind: ReceiverKind::Email,
             url: None,
             url_env: Some("KEYWATCH_SMTP_URL".into()),
+            secret_env: None,
+            format: WebhookFormat::Json,
             host: None,
             port: None,
             starttls: StartTls::Required,
             username: None,
+            ca_file: None,
             password_env: Some("KEYWATCH_SMTP_PASSWORD".into()),
             from: None,
             from_env: Some("KEYWATCH_ALERT_FROM".into()),
@@ -207,6 +245,49 @@ pub struct EmailSettings {
     pub timeout: Duration,
 }
 
+/// A webhook or Alertmanager receiver with its environment read.
+#[derive(Clone, PartialEq)]
+pub struct HttpSettings {
+    pub name: String,
+    pub url: url::Url,
+    /// The HMAC-SHA256 key the payload is signed with (webhooks).
+    pub secret: Option<String>,
+    pub format: WebhookFormat,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("name", &self.name)
+            .field("url", &crate::store::redact_url(self.url.as_str()))
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+/// One receiver, ready to build.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiverSettings {
+    Email(EmailSettings),
+    Webhook(HttpSettings),
+    Alertmanager(HttpSettings),
+}
+
+/// `s` as an http(s) URL, or why not.
+fn http_url(s: &str) -> Result<url::Url, String> {
+    let u = url::Url::parse(s)
+        .map_err(|e| format!("{} is not a URL: {e}", crate::store::redact_url(s)))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!(
+            "the URL must start with http:// or https://, not {}://",
+            u.scheme()
+        ));
+    }
+    Ok(u)
+}
+
 /// Where and how to reach an SMTP server.
 #[derive(Clone, PartialEq)]
 pub struct SmtpServer {
@@ -214,6 +295,8 @@ pub struct SmtpServer {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Extra certificate authorities to trust (PEM).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for SmtpServer {
@@ -222,6 +305,7 @@ impl std::fmt::Debug for SmtpServer {
             .field("url", &crate::store::redact_url(&self.url))
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -343,6 +427,56 @@ impl NotifySettings {
                     ),
                 ));
             }
+            if r.kind != ReceiverKind::Email {
+                if r.url.is_none() && r.url_env.is_none() {
+                    errors.push(err(
+                        &["receivers", &idx],
+                        format!(
+                            "receiver {:?}: a {} receiver needs url or url_env",
+                            r.name,
+                            r.kind.as_str()
+                        ),
+                    ));
+                }
+                if let Some(u) = &r.url
+                    && let Err(e) = http_url(u)
+                {
+                    errors.push(err(&["receivers", &idx, "url"], e));
+                }
+                for (field, set) in [
+                    ("host", r.host.is_some()),
+                    ("port", r.port.is_some()),
+                    ("username", r.username.is_some()),
+                    ("password_env", r.password_env.is_some()),
+                    ("ca_file", r.ca_file.is_some()),
+                    ("from", r.from.is_some()),
+                    ("from_env", r.from_env.is_some()),
+                    ("to", !r.to.is_empty()),
+                    ("to_env", r.to_env.is_some()),
+                ] {
+                    if set {
+                        errors.push(err(
+                            &["receivers", &idx, field],
+                            format!(
+                                "{field} applies to email receivers only, and {:?} is a {} receiver",
+                                r.name,
+                                r.kind.as_str()
+                            ),
+                        ));
+                    }
+                }
+            }
+            if r.kind != ReceiverKind::Webhook
+                && (r.secret_env.is_some() || r.format != WebhookFormat::Json)
+            {
+                errors.push(err(
+                    &["receivers", &idx],
+                    format!(
+                        "receiver {:?}: secret_env and format apply to webhook receivers only",
+                        r.name
+                    ),
+                ));
+            }
             if r.rate_limit_per_hour == 0 {
                 errors.push(err(
                     &["receivers", &idx, "rate_limit_per_hour"],
@@ -354,6 +488,7 @@ impl NotifySettings {
                 ("password_env", &r.password_env),
                 ("from_env", &r.from_env),
                 ("to_env", &r.to_env),
+                ("secret_env", &r.secret_env),
             ] {
                 if let Some(v) = v
                     && (v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
@@ -551,11 +686,39 @@ impl NotifySettings {
         &self,
         env: &dyn Fn(&str) -> Option<String>,
         mailbox_dir: &Path,
-    ) -> Result<Vec<EmailSettings>, String> {
+    ) -> Result<Vec<ReceiverSettings>, String> {
         let get = |v: &Option<String>| v.as_deref().and_then(env).filter(|s| !s.trim().is_empty());
         let mut out = Vec::new();
         for r in &self.receivers {
-            let ReceiverKind::Email = r.kind;
+            if r.kind != ReceiverKind::Email {
+                let url = r.url.clone().or_else(|| get(&r.url_env)).ok_or_else(|| {
+                    format!(
+                        "receiver {:?}: the environment variable {} that holds its URL is not set",
+                        r.name,
+                        r.url_env.as_deref().unwrap_or_default()
+                    )
+                })?;
+                let url = http_url(&url).map_err(|e| format!("receiver {:?}: {e}", r.name))?;
+                let http = HttpSettings {
+                    name: r.name.clone(),
+                    url,
+                    secret: get(&r.secret_env),
+                    format: r.format,
+                    timeout: self.timeout,
+                };
+                if r.secret_env.is_some() && http.secret.is_none() {
+                    return Err(format!(
+                        "receiver {:?}: the environment variable {} that holds its signing secret is not set",
+                        r.name,
+                        r.secret_env.as_deref().unwrap_or_default()
+                    ));
+                }
+                out.push(match r.kind {
+                    ReceiverKind::Alertmanager => ReceiverSettings::Alertmanager(http),
+                    _ => ReceiverSettings::Webhook(http),
+                });
+                continue;
+            }
             let url = match (&r.url, get(&r.url_env), &r.host) {
                 (Some(u), _, _) => Some(u.clone()),
                 (None, Some(u), _) => Some(u),
@@ -601,7 +764,7 @@ impl NotifySettings {
                 })?;
             }
             let mailbox = PathBuf::from(&r.mailbox);
-            out.push(EmailSettings {
+            out.push(ReceiverSettings::Email(EmailSettings {
                 name: r.name.clone(),
                 server,
                 from,
@@ -613,7 +776,7 @@ impl NotifySettings {
                 },
                 rate_limit_per_hour: r.rate_limit_per_hour,
                 timeout: self.timeout,
-            });
+            }));
         }
         Ok(out)
     }
@@ -660,6 +823,7 @@ fn smtp_server(url: &str, r: &ReceiverRaw, password: Option<String>) -> Result<S
         url: u.to_string(),
         username,
         password,
+        ca_file: r.ca_file.clone(),
     })
 }
 

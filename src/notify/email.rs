@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::config::EmailSettings;
@@ -32,6 +33,46 @@ pub fn message(n: &Notification, from: &str, to: &[String]) -> Result<Message, D
     .map_err(|e| DeliveryError::Permanent(format!("cannot build the message: {e}")))
 }
 
+/// The TLS mode `url` asks for (as lettre reads it: `smtps://` is TLS from the first byte,
+/// `?tls=required|opportunistic` is STARTTLS), trusting the authorities in `ca_file` as well as
+/// the system's.
+fn tls_trusting(receiver: &str, url: &str, ca_file: &std::path::Path) -> Result<Tls, String> {
+    let fail = |what: String| {
+        format!(
+            "receiver {receiver:?}: ca_file {}: {what}",
+            ca_file.display()
+        )
+    };
+    let pem = std::fs::read(ca_file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let cert =
+        Certificate::from_pem(&pem).map_err(|e| fail(format!("not a PEM certificate: {e}")))?;
+    let u = url::Url::parse(url).map_err(|e| fail(format!("the SMTP URL is not a URL: {e}")))?;
+    let host = u
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let params = TlsParameters::builder(host)
+        .add_root_certificate(cert)
+        .build_rustls()
+        .map_err(|e| fail(format!("cannot use it: {e}")))?;
+    let tls = u
+        .query_pairs()
+        .find(|(k, _)| k == "tls")
+        .map(|(_, v)| v.into_owned());
+    Ok(match (u.scheme(), tls.as_deref()) {
+        ("smtps", _) => Tls::Wrapper(params),
+        (_, Some("required")) => Tls::Required(params),
+        (_, Some("opportunistic")) => Tls::Opportunistic(params),
+        _ => {
+            return Err(fail(
+                "the server is reached without TLS; add ?tls=required to the URL or remove ca_file"
+                    .into(),
+            ));
+        }
+    })
+}
+
 /// Email over SMTP, or to an mbox file.
 pub struct EmailReceiver {
     settings: EmailSettings,
@@ -54,6 +95,9 @@ impl EmailReceiver {
                         )
                     })?
                     .timeout(Some(settings.timeout));
+                if let Some(ca) = &s.ca_file {
+                    b = b.tls(tls_trusting(&settings.name, &s.url, ca)?);
+                }
                 if let (Some(u), Some(p)) = (&s.username, &s.password) {
                     b = b.credentials(Credentials::new(u.clone(), p.clone()));
                 }
@@ -124,7 +168,16 @@ impl Receiver for EmailReceiver {
                 return self.to_mbox(n).await;
             };
             let msg = message(n, &self.settings.from, &self.settings.to)?;
-            match smtp.send(msg).await {
+            // lettre's own timeout covers connecting, not a server that stops answering
+            // mid-conversation; the whole exchange gets one deadline.
+            let sent = tokio::time::timeout(self.settings.timeout, smtp.send(msg)).await;
+            let Ok(sent) = sent else {
+                return Err(DeliveryError::Retryable(format!(
+                    "SMTP: no answer within {} s",
+                    self.settings.timeout.as_secs_f64()
+                )));
+            };
+            match sent {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_permanent() => Err(DeliveryError::Permanent(format!(
                     "the SMTP server refused: {e}"
@@ -150,6 +203,7 @@ mod tests {
             text: "text".into(),
             html: "<p>html</p>".into(),
             created_at: Utc::now(),
+            draft: None,
         };
         let m = message(&n, "keywatch <kw@example.com>", &["sec@example.com".into()]).unwrap();
         let raw = String::from_utf8(m.formatted()).unwrap();

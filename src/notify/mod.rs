@@ -20,6 +20,7 @@ pub mod render;
 pub mod route;
 pub mod send;
 pub mod silence;
+pub mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -143,6 +144,10 @@ pub struct Notification {
     pub text: String,
     pub html: String,
     pub created_at: DateTime<Utc>,
+    /// What it tells of, as data, for receivers that post JSON (webhook, Alertmanager).
+    /// `None` for a test message.
+    #[serde(default)]
+    pub draft: Option<group::Draft>,
 }
 
 impl Notification {
@@ -226,12 +231,27 @@ pub fn receivers(
     settings: &NotifySettings,
     mailbox_dir: &std::path::Path,
 ) -> Result<std::collections::HashMap<String, Arc<dyn Receiver>>, String> {
+    use config::ReceiverSettings;
     let env = |name: &str| std::env::var(name).ok();
     let mut out: std::collections::HashMap<String, Arc<dyn Receiver>> = Default::default();
-    for e in settings.resolve(&env, mailbox_dir)? {
-        let r = email::EmailReceiver::new(e)?;
-        tracing::info!(receiver = r.name(), to = %r.destination(), "Alert receiver ready.");
-        out.insert(r.name().to_owned(), Arc::new(r));
+    for s in settings.resolve(&env, mailbox_dir)? {
+        let (r, to): (Arc<dyn Receiver>, String) = match s {
+            ReceiverSettings::Email(e) => {
+                let r = email::EmailReceiver::new(e)?;
+                let to = r.destination();
+                (Arc::new(r), to)
+            }
+            ReceiverSettings::Webhook(h) => {
+                let to = crate::store::redact_url(h.url.as_str());
+                (Arc::new(webhook::Webhook::new(h)?), to)
+            }
+            ReceiverSettings::Alertmanager(h) => {
+                let to = crate::store::redact_url(h.url.as_str());
+                (Arc::new(webhook::Alertmanager::new(h)?), to)
+            }
+        };
+        tracing::info!(receiver = r.name(), to = %to, "Alert receiver ready.");
+        out.insert(r.name().to_owned(), r);
     }
     Ok(out)
 }

@@ -177,6 +177,7 @@ pub fn render(d: &Draft, now: DateTime<Utc>) -> Notification {
         text,
         html,
         created_at: now,
+        draft: Some(d.clone()),
     }
 }
 
@@ -196,6 +197,7 @@ pub fn test_notification(receiver: &str, now: DateTime<Utc>) -> Notification {
         ),
         text,
         created_at: now,
+        draft: None,
     }
 }
 
