@@ -5,7 +5,7 @@
 //! decides nothing about what is counted; every loop it starts takes the shutdown token.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,6 +150,24 @@ pub struct DaemonSettings {
     pub metrics: crate::metrics::Limits,
     /// Alert delivery: settings and receivers (from `alerts.toml` and the environment).
     pub notify: Option<Notify>,
+    /// Where alerts.toml was read from (and whether it must exist), to re-read it on SIGHUP.
+    pub alerts_file: Option<(PathBuf, bool)>,
+}
+
+/// Alert delivery for `alerts`: its settings and receivers, with the environment read and
+/// relative mailboxes in `dir`.
+pub fn notify_for(
+    alerts: &crate::config::AlertsConfig,
+    dir: &Path,
+    clock: Arc<dyn crate::notify::Clock>,
+) -> anyhow::Result<Notify> {
+    let settings = Arc::new(alerts.notify_settings()?);
+    let receivers = crate::notify::receivers(&settings, dir).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Notify {
+        settings,
+        receivers,
+        clock,
+    })
 }
 
 /// Alert delivery, ready to start.
@@ -221,12 +239,11 @@ pub async fn run_daemon(
     // Delivery stops last: after reading stopped and the last batch (and its outbox rows)
     // was committed.
     let delivery_stop = CancellationToken::new();
-    let delivery = settings.notify.as_ref().map(|n| {
-        tokio::spawn(crate::notify::run_delivery(
+    let (notify_tx, notify_rx) = tokio::sync::watch::channel(settings.notify.clone());
+    let delivery = settings.notify.is_some().then(|| {
+        tokio::spawn(deliver_reloading(
             store.clone(),
-            Arc::clone(&n.settings),
-            n.receivers.clone(),
-            Arc::clone(&n.clock),
+            notify_rx,
             metrics.clone(),
             delivery_stop.clone(),
         ))
@@ -235,6 +252,20 @@ pub async fn run_daemon(
         build_detection(&store, &settings.detectors, settings.geo.clone(), false).await?;
     if settings.notify.is_some() {
         detection.notify = Some(change_tracker(&store).await?);
+    }
+    if let Some((path, required)) = settings.alerts_file.clone() {
+        let (allow_tx, allow_rx) = tokio::sync::watch::channel(settings.detectors.allow.clone());
+        detection.allow_updates = Some(allow_rx);
+        tokio::spawn(alerts_reload_loop(
+            AlertsReload {
+                path,
+                required,
+                detectors: settings.detectors.clone(),
+                notify: notify_tx,
+                allow: allow_tx,
+            },
+            shutdown.child_token(),
+        ));
     }
     let file_opts = FileOptions {
         follow: true,
@@ -259,12 +290,10 @@ pub async fn run_daemon(
     )
     .await?;
     delivery_stop.cancel();
-    if let Some(d) = delivery {
-        match d.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "Alert delivery stopped with an error."),
-            Err(e) => tracing::warn!(error = %e, "The alert delivery task failed."),
-            Ok(Ok(())) => {}
-        }
+    if let Some(d) = delivery
+        && let Err(e) = d.await
+    {
+        tracing::warn!(error = %e, "The alert delivery task failed.");
     }
     tracing::info!(
         accepted = stats.accepted,
@@ -297,6 +326,109 @@ async fn seed_metrics(store: &Store, metrics: &Metrics, geo: Option<&crate::geo:
         Err(e) => {
             tracing::warn!(error = %e, "Could not read month-to-date usage; the metrics count this month from now.")
         }
+    }
+}
+
+/// Runs delivery with the settings `notify` holds, restarting the dispatcher and sender when
+/// they change (alerts.toml reloaded). Their state (groups, outbox, retries) is in the
+/// database, so a restart of them loses nothing, as a restart of the process does not.
+async fn deliver_reloading(
+    store: Store,
+    mut notify: tokio::sync::watch::Receiver<Option<Notify>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    loop {
+        let Some(n) = notify.borrow_and_update().clone() else {
+            return;
+        };
+        let this = stop.child_token();
+        let task = tokio::spawn(crate::notify::run_delivery(
+            store.clone(),
+            n.settings,
+            n.receivers,
+            n.clock,
+            metrics.clone(),
+            this.clone(),
+        ));
+        let changed = tokio::select! {
+            _ = stop.cancelled() => false,
+            r = notify.changed() => r.is_ok(),
+        };
+        this.cancel();
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "Alert delivery stopped with an error."),
+            Err(e) => tracing::warn!(error = %e, "The alert delivery task failed."),
+            Ok(Ok(())) => {}
+        }
+        if !changed {
+            return;
+        }
+        tracing::info!("Alert delivery restarted with the reloaded settings.");
+    }
+}
+
+/// What a SIGHUP re-reads alerts.toml into.
+struct AlertsReload {
+    path: PathBuf,
+    required: bool,
+    /// The detector settings in force (they change only at a restart).
+    detectors: crate::detect::Settings,
+    notify: tokio::sync::watch::Sender<Option<Notify>>,
+    allow: tokio::sync::watch::Sender<crate::detect::allow::Allowlist>,
+}
+
+impl AlertsReload {
+    /// Re-reads the file: delivery and `[[allow]]` take effect now. A file that does not check
+    /// changes nothing, and the log says why.
+    fn reload(&mut self) {
+        let shown = self.path.display().to_string();
+        let loaded = crate::config::AlertsConfig::load(&self.path, self.required)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| {
+                let clock: Arc<dyn crate::notify::Clock> = Arc::new(crate::notify::SystemClock);
+                Ok((notify_for(&cfg, Path::new("."), clock)?, cfg))
+            });
+        let (notify, cfg) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(file = %shown, error = %format!("{e:#}"), "SIGHUP: the new alerts.toml is rejected; keeping the settings in force.");
+                return;
+            }
+        };
+        let new = cfg.detector_settings();
+        let same_detectors = crate::detect::Settings {
+            allow: self.detectors.allow.clone(),
+            ..new.clone()
+        } == self.detectors;
+        if !same_detectors {
+            tracing::warn!(file = %shown, "SIGHUP: detector settings changed; they apply at the next restart (delivery and [[allow]] apply now).");
+        }
+        self.detectors.allow = new.allow.clone();
+        self.allow.send_replace(new.allow);
+        self.notify.send_replace(Some(notify));
+        tracing::info!(file = %shown, "SIGHUP: reloaded alerts.toml (receivers, routes, silences, [[allow]]).");
+    }
+}
+
+async fn alerts_reload_loop(mut reload: AlertsReload, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("Cannot listen for SIGHUP; alerts.toml is read only at start.");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = hup.recv() => reload.reload(),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (&mut reload, shutdown);
     }
 }
 
@@ -442,6 +574,7 @@ pub async fn build_detection(
         detectors,
         geo,
         notify: None,
+        allow_updates: None,
     })
 }
 

@@ -47,10 +47,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow!(e))?;
             let alerts = load_alerts(&args.alerts)?;
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
-            let notify = notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
+            let notify = app::notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
             let store = Store::open(&g.database_url).await?;
             let settings = DaemonSettings {
                 notify: Some(notify),
+                alerts_file: Some((args.alerts.path.clone(), alerts_required(&args.alerts))),
                 geo,
                 sources,
                 listen: args.listen,
@@ -148,7 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             silence(&store, cmd).await
         }
         Command::Alert(AlertCommand::Test { receiver, alerts }) => {
-            let notify = notify_for(
+            let notify = app::notify_for(
                 &load_alerts(&alerts)?,
                 Path::new("."),
                 Arc::new(SystemClock),
@@ -186,22 +187,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// Alert delivery for `alerts`: its settings and receivers, with the environment read and
-/// relative mailboxes in `dir`.
-fn notify_for(
-    alerts: &crate::config::AlertsConfig,
-    dir: &Path,
-    clock: Arc<dyn crate::notify::Clock>,
-) -> anyhow::Result<app::Notify> {
-    let settings = Arc::new(alerts.notify_settings()?);
-    let receivers = crate::notify::receivers(&settings, dir).map_err(|e| anyhow!(e))?;
-    Ok(app::Notify {
-        settings,
-        receivers,
-        clock,
-    })
 }
 
 /// Delivers what the outbox holds, waiting (on `clock`) for the groups' first notifications.
@@ -322,9 +307,16 @@ async fn silence(store: &Store, cmd: SilenceCommand) -> anyhow::Result<()> {
 
 /// Reads the alerting configuration. The default file may be absent (the built-in defaults
 /// apply); a file named with --alerts or KEYWATCH_ALERTS must exist.
+/// A file named on the command line must exist; the default `alerts.toml` may be missing.
+fn alerts_required(file: &AlertsFile) -> bool {
+    file.path != Path::new("alerts.toml")
+}
+
 fn load_alerts(file: &AlertsFile) -> anyhow::Result<crate::config::AlertsConfig> {
-    let required = file.path != Path::new("alerts.toml");
-    Ok(crate::config::AlertsConfig::load(&file.path, required)?)
+    Ok(crate::config::AlertsConfig::load(
+        &file.path,
+        alerts_required(file),
+    )?)
 }
 
 fn open_geo(path: Option<&Path>) -> anyhow::Result<Option<GeoHandle>> {
@@ -359,7 +351,11 @@ async fn ingest(
     let alerts = load_alerts(&args.alerts)?;
     let settings = alerts.detector_settings();
     let notify = match args.notify {
-        true => Some(notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?),
+        true => Some(app::notify_for(
+            &alerts,
+            Path::new("."),
+            Arc::new(SystemClock),
+        )?),
         false => None,
     };
     let show_progress = !args.no_progress && std::io::stderr().is_terminal();
@@ -1279,7 +1275,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     }
     // The demo's clock jumps to each delivery timer instead of waiting for it.
     let clock = crate::notify::ManualClock::new(stats.start);
-    let notify = notify_for(
+    let notify = app::notify_for(
         &crate::config::AlertsConfig::default(),
         &args.dir,
         Arc::new(clock.clone()),

@@ -111,6 +111,8 @@ pub struct Detection {
     pub geo: Option<Arc<GeoHandle>>,
     /// When set, the alert changes worth a notification are queued in the outbox.
     pub notify: Option<ChangeTracker>,
+    /// A new `[[allow]]` list from a reloaded alerts.toml, applied at the next chunk.
+    pub allow_updates: Option<tokio::sync::watch::Receiver<crate::detect::allow::Allowlist>>,
 }
 
 /// When to commit, and what counts as on time.
@@ -256,6 +258,15 @@ impl Pipeline {
     /// deterministic given the key cache; commits nothing.
     pub fn process(&mut self, chunk: &Chunk) {
         let cache = self.keys.get();
+        if let Some(d) = self.detection.as_mut()
+            && let Some(rx) = d.allow_updates.as_mut()
+            && rx.has_changed().unwrap_or(false)
+        {
+            let allow = rx.borrow_and_update().clone();
+            if let Some(loc) = d.detectors.location.as_mut() {
+                loc.set_allowlist(allow);
+            }
+        }
         // Once per chunk: a database swapped in by a reload applies from the next chunk.
         let geo = self
             .detection

@@ -153,19 +153,24 @@ group_interval = "1s"
 /// prefixes are hostile: markup and a CRLF header injection attempt.
 fn probe_log(db: &TestDb, name: &str, ips: &[&str]) -> PathBuf {
     let log = db.path(name);
+    std::fs::write(&log, probe_lines(ips, 10)).unwrap();
+    log
+}
+
+/// The lines of [`probe_log`], at `hour` o'clock.
+fn probe_lines(ips: &[&str], hour: u32) -> String {
     let mut lines = String::new();
     for ip in ips {
         for i in 0..60u32 {
             lines.push_str(&format!(
-                r#"{{"created_at":"2026-11-20T10:0{}:{:02}Z","api_key_id":null,"organization_id":null,"key_prefix":"pmcp_<b>{i:03}\r\nBcc: victim@evil.test","http_status_code":401,"error_code":"unauthorized","source_ip":"{ip}","user_agent":"<script>alert(1)</script>"}}"#,
+                r#"{{"created_at":"2026-11-20T{hour:02}:0{}:{:02}Z","api_key_id":null,"organization_id":null,"key_prefix":"pmcp_<b>{i:03}\r\nBcc: victim@evil.test","http_status_code":401,"error_code":"unauthorized","source_ip":"{ip}","user_agent":"<script>alert(1)</script>"}}"#,
                 i / 20,
                 (i % 20) * 3,
             ));
             lines.push('\n');
         }
     }
-    std::fs::write(&log, lines).unwrap();
-    log
+    lines
 }
 
 fn notification_states(db: &TestDb) -> Vec<(String, i64)> {
@@ -382,16 +387,15 @@ fn queues_while_the_server_is_down_on_postgres() {
 /// An alerts.toml whose one receiver writes to a mailbox file (no server).
 fn mbox_toml(db: &TestDb) -> (PathBuf, PathBuf) {
     let mbox = db.path("alerts.mbox");
-    let p = db.path("alerts.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "[[receivers]]\nname = \"box\"\ntype = \"email\"\nmailbox = \"{}\"\n\n[route]\ngroup_wait = \"0s\"\n",
-            mbox.display()
-        ),
+    (write_file(db, "alerts.toml", &mbox_config(&mbox)), mbox)
+}
+
+/// Delivery to the mailbox file `mbox`, one group per alert, at once.
+fn mbox_config(mbox: &Path) -> String {
+    format!(
+        "[[receivers]]\nname = \"box\"\ntype = \"email\"\nmailbox = \"{}\"\n\n[route]\ngroup_by = [\"fingerprint\"]\ngroup_wait = \"0s\"\n",
+        mbox.display()
     )
-    .unwrap();
-    (p, mbox)
 }
 
 fn silences_record_but_do_not_send(db: TestDb) {
@@ -1036,4 +1040,91 @@ fn kill_9_between_accepted_and_marked_sent_gives_one_duplicate_with_the_same_mes
         msgs[0]["message_id"], msgs[1]["message_id"],
         "the duplicate is recognisable by its Message-ID"
     );
+}
+
+#[test]
+fn sighup_reloads_alerts_toml_and_keeps_it_when_the_new_one_is_bad() {
+    use std::io::Write;
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    let (a, b) = (db.path("a.mbox"), db.path("b.mbox"));
+    let cfg = write_file(&db, "alerts.toml", &mbox_config(&a));
+    let live = write_file(&db, "live.log", "");
+    let log = db.path("daemon.log");
+    let daemon = keywatch()
+        .args(["--database-url", &db.url, "run", "--listen", "127.0.0.1:0"])
+        .arg("--alerts")
+        .arg(&cfg)
+        .arg("--source")
+        .arg(format!("file:{}", live.display()))
+        .env("KEYWATCH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("daemon starts");
+    let logged = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let append = |text: String| {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&live)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    };
+    let hup = || {
+        let ok = Command::new("kill")
+            .args(["-HUP", &daemon.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || logged("Serving")),
+        "{}",
+        read(&log)
+    );
+    append(probe_lines(&["89.160.20.112"], 10));
+    assert!(
+        wait_until(Duration::from_secs(30), || read(&a)
+            .contains("89.160.20.112")),
+        "the first alert reached a.mbox: {}",
+        read(&log)
+    );
+    // A new file: alerts go to b.mbox from now on.
+    std::fs::write(&cfg, mbox_config(&b)).unwrap();
+    hup();
+    assert!(wait_until(Duration::from_secs(20), || logged(
+        "reloaded alerts.toml"
+    )));
+    append(probe_lines(&["81.2.69.160"], 11));
+    assert!(
+        wait_until(Duration::from_secs(30), || read(&b).contains("81.2.69.160")),
+        "after the reload the alert reached b.mbox: {}",
+        read(&log)
+    );
+    assert!(!read(&a).contains("81.2.69.160"));
+    // A broken file is rejected with its line, and the settings in force stay.
+    std::fs::write(&cfg, format!("{}\nrate_spike = true\n", mbox_config(&a))).unwrap();
+    hup();
+    assert!(wait_until(Duration::from_secs(20), || logged(
+        "is rejected"
+    )));
+    let text = read(&log);
+    let line = text.lines().find(|l| l.contains("is rejected")).unwrap();
+    assert!(
+        line.contains("line 10") && line.contains("rate_spike"),
+        "{line}"
+    );
+    append(probe_lines(&["175.16.199.1"], 12));
+    assert!(
+        wait_until(Duration::from_secs(30), || read(&b)
+            .contains("175.16.199.1")),
+        "the old settings still deliver: {}",
+        read(&log)
+    );
+    assert!(!read(&a).contains("175.16.199.1"));
+    stop(daemon);
 }

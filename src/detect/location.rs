@@ -217,6 +217,11 @@ impl LocationDetector {
         self
     }
 
+    /// Replaces the allowlist (alerts.toml reloaded): it applies from the next event on.
+    pub fn set_allowlist(&mut self, allow: Allowlist) {
+        self.allow = allow;
+    }
+
     /// Teaches a key a country (an alert marked benign, an allowlist).
     pub fn learn_country(&mut self, key: Uuid, at: DateTime<Utc>, country: [u8; 2]) {
         let p = self.keys.entry(key).or_insert_with(|| Places::new(at));
