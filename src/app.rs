@@ -150,6 +150,8 @@ pub struct DaemonSettings {
     pub metrics: crate::metrics::Limits,
     /// Alert delivery: settings and receivers (from `alerts.toml` and the environment).
     pub notify: Option<Notify>,
+    /// How the HTTP API authenticates.
+    pub api_auth: crate::api::auth::AuthSettings,
 }
 
 /// Alert delivery, ready to start.
@@ -205,10 +207,9 @@ pub async fn run_daemon(
     tracing::info!(listen = %settings.listen, database = store.url(), "Serving /metrics and /healthz.");
     let http = tokio::spawn(api::serve(
         listener,
-        ApiState {
-            metrics: metrics.clone(),
-            store: store.clone(),
-        },
+        ApiState::new(metrics.clone(), store.clone())
+            .with_keys(Arc::clone(&keys))
+            .with_auth(settings.api_auth.clone()),
         shutdown.child_token(),
     ));
     let refresher = tokio::spawn(Arc::clone(&keys).refresh_loop(

@@ -152,6 +152,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub alerts: AlertsFile,
 
+    #[command(flatten)]
+    pub api: ApiAuthArgs,
+
     /// Start files seen for the first time at their end instead of their beginning.
     #[arg(long, env = "KEYWATCH_START_AT_END")]
     pub start_at_end: bool,
@@ -216,6 +219,38 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub metrics_idle_expiry: std::time::Duration,
+}
+
+/// How the HTTP API under /v1 authenticates.
+#[derive(Debug, Clone, Args)]
+pub struct ApiAuthArgs {
+    /// SHA-256 hashes (hex, as `sha256sum` prints them) of the admin tokens, comma-separated;
+    /// an admin sends `Authorization: Bearer TOKEN` and sees every organization.
+    #[arg(
+        long = "admin-token-sha256",
+        env = "KEYWATCH_ADMIN_TOKEN_SHA256",
+        value_delimiter = ',',
+        value_name = "HEX,..."
+    )]
+    pub admin_token_sha256: Vec<String>,
+    /// The auth server's API_KEY_HMAC_SECRET: keys whose signature does not verify are
+    /// refused. Without it, keys are checked by their hash alone.
+    #[arg(
+        long = "api-key-hmac-secret",
+        env = "KEYWATCH_API_KEY_HMAC_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub hmac_secret: Option<String>,
+    /// Failed authentications allowed per client IP and minute before the API answers 429.
+    #[arg(
+        long,
+        env = "KEYWATCH_API_AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000),
+        value_name = "N"
+    )]
+    pub api_auth_failures_per_minute: u32,
 }
 
 #[derive(Debug, Args)]

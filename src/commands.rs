@@ -48,8 +48,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let alerts = load_alerts(&args.alerts)?;
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let notify = notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
+            let api_auth = crate::api::auth::AuthSettings::new(
+                args.api.hmac_secret.as_deref(),
+                &args.api.admin_token_sha256,
+                args.api.api_auth_failures_per_minute,
+            )?;
             let store = Store::open(&g.database_url).await?;
             let settings = DaemonSettings {
+                api_auth,
                 notify: Some(notify),
                 geo,
                 sources,
@@ -784,13 +790,7 @@ fn print_rows(header: &[&str], rows: &[Vec<String>], format: Format) -> anyhow::
                 .collect();
             writeln!(out, "{}", json!({"success": true, "data": data}))?;
         }
-        Format::Csv => {
-            writeln!(out, "{}", header.join(","))?;
-            for r in rows {
-                let cells: Vec<String> = r.iter().map(|c| csv_cell(c)).collect();
-                writeln!(out, "{}", cells.join(","))?;
-            }
-        }
+        Format::Csv => crate::report::csv::write_csv(&mut out, header, rows)?,
         Format::Table => write_table(&mut out, header, rows)?,
     }
     Ok(())
@@ -825,21 +825,6 @@ fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> s
         writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
     }
     Ok(())
-}
-
-/// A CSV cell, quoted when needed; a leading formula character is neutralised so a
-/// spreadsheet never runs text that came from a log line.
-fn csv_cell(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '@']) || (s.starts_with('-') && s.parse::<f64>().is_err()) {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
 }
 
 fn parse_time(flag: &str, s: &str) -> anyhow::Result<DateTime<Utc>> {
@@ -1365,10 +1350,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     );
     crate::api::serve(
         listener,
-        crate::api::ApiState {
-            metrics,
-            store: store.clone(),
-        },
+        crate::api::ApiState::new(metrics, store.clone()),
         shutdown,
     )
     .await
@@ -1439,13 +1421,5 @@ mod tests {
     fn slugs() {
         assert_eq!(slugify("Acme Corp, Inc."), "acme-corp-inc");
         assert_eq!(slugify("  --  "), "");
-    }
-
-    #[test]
-    fn csv_cells_cannot_inject_formulas() {
-        assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
-        assert_eq!(csv_cell("a,b"), "\"a,b\"");
-        assert_eq!(csv_cell("-5"), "-5");
-        assert_eq!(csv_cell("plain"), "plain");
     }
 }

@@ -17,6 +17,7 @@
 //! traffic for the demo, tests and benchmarks), [`cli`] (flags only) and [`commands`] (what
 //! each subcommand does). [`app`] wires the daemon together.
 
+pub mod activity;
 pub mod api;
 pub mod app;
 pub mod cli;

@@ -1,5 +1,6 @@
-//! The query layer behind `keywatch report` (and, later, the HTTP API): usage per key,
-//! organization or MCP over a time range, with limits beside it.
+//! The query layer behind `keywatch report` and the HTTP API (`/v1`): usage per key,
+//! organization or MCP over a time range, with limits beside it; and, in its submodules,
+//! limits and forecasts, alerts, a key's activity and key hygiene.
 //!
 //! Owns how a range is answered exactly from the rollups: it is cut into segments that whole
 //! buckets cover (days in the middle, hours at the edges, minutes at the very ends), each
@@ -11,6 +12,12 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
+
+pub mod activity;
+pub mod alerts;
+pub mod csv;
+pub mod hygiene;
+pub mod limits;
 
 use crate::keys::KeyCache;
 use crate::store::{SegmentQuery, Store, StoreError};
@@ -38,6 +45,8 @@ pub struct UsageQuery {
     pub org: Option<Uuid>,
     pub key: Option<KeyFilter>,
     pub mcp: Option<String>,
+    /// Only these MCPs (a key limited to some MCPs asking); `None` for no such limit.
+    pub mcps: Option<Vec<String>>,
     pub from: DateTime<Utc>,
     pub until: DateTime<Utc>,
     /// The instant month-to-date is computed at: `until` when one was given, else now.
@@ -53,6 +62,7 @@ impl UsageQuery {
             org: None,
             key: None,
             mcp: None,
+            mcps: None,
             from: beginning(),
             until: end_of_time(),
             month_at: now,
@@ -228,6 +238,7 @@ pub async fn usage(
             KeyFilter::Unknown => String::new(),
         }),
         mcp: q.mcp.clone(),
+        mcps: q.mcps.clone(),
         by_key: q.group_by == GroupBy::Key,
         by_org: q.group_by == GroupBy::Org,
         by_mcp: q.group_by == GroupBy::Mcp,
@@ -336,6 +347,7 @@ pub async fn month_to_date(
             org: None,
             key: None,
             mcp: None,
+            mcps: None,
             by_key: false,
             by_org: true,
             by_mcp: false,
