@@ -391,6 +391,16 @@ pub enum ReportCommand {
     Usage(UsageArgs),
     /// Alerts the detectors raised, by when their episode started.
     Alerts(AlertsArgs),
+    /// Per organization: month-to-date usage against the monthly limit, and when the limit
+    /// is reached at this month's rate; per key: the busiest minute against its limit, 429s.
+    Limits(OrgReportArgs),
+    /// Where and how one key was used: countries, cities, networks, IPs and user agents (first
+    /// and last seen, requests), MCPs and errors. Without a range: the last 7 days.
+    Activity(ActivityArgs),
+    /// Keys that break the documented security practices: no expiry, valid for more than a
+    /// year, expiring within 7 days while in use, unused for 30 days, access to all MCPs but
+    /// using at most two, still in use after a newer key of the same name was created.
+    Hygiene(OrgReportArgs),
     /// Lines that were refused, with their source, line number, reason and text.
     Rejected {
         /// Only lines of this source (for example file:/var/log/plexmcp/requests.log).
@@ -446,12 +456,39 @@ pub struct AlertsArgs {
     /// Alert type, for example new_country or error_spike.
     #[arg(long = "type", value_name = "TYPE")]
     pub r#type: Option<String>,
+    /// Status: firing, acknowledged, resolved or benign.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Severity: info, low, medium, high or critical.
+    #[arg(long)]
+    pub severity: Option<String>,
     /// Organization id or slug.
     #[arg(long)]
     pub org: Option<String>,
     /// Key id or prefix.
     #[arg(long)]
     pub key: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// A report about one organization, or all of them.
+#[derive(Debug, Args)]
+pub struct OrgReportArgs {
+    /// Organization id or slug.
+    #[arg(long)]
+    pub org: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ActivityArgs {
+    /// Key id or prefix.
+    #[arg(long)]
+    pub key: String,
+    #[command(flatten)]
+    pub range: TimeRange,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

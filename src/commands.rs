@@ -34,6 +34,8 @@ use crate::source::file::FileOptions;
 use crate::store::{NewKeyRow, NewOrg, Store};
 use crate::usage::Granularity;
 
+mod reports;
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
@@ -137,6 +139,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 &rows,
                 format,
             )
+        }
+        Command::Report(ReportCommand::Limits(args)) => {
+            let store = Store::open(&g.database_url).await?;
+            reports::limits(&store, &args).await
+        }
+        Command::Report(ReportCommand::Activity(args)) => {
+            let store = Store::open(&g.database_url).await?;
+            reports::activity(&store, &args).await
+        }
+        Command::Report(ReportCommand::Hygiene(args)) => {
+            let store = Store::open(&g.database_url).await?;
+            reports::hygiene(&store, &args).await
         }
         Command::Report(ReportCommand::Alerts(args)) => {
             let store = Store::open(&g.database_url).await?;
@@ -1008,40 +1022,32 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
 async fn report_alerts(store: &Store, args: &AlertsArgs) -> anyhow::Result<()> {
     let cache = store.key_cache().await?;
     let Range { from, until, .. } = resolve_range(&args.range, Utc::now())?;
-    let org = args
+    let mut f = crate::store::AlertFilter {
+        from: Some(from),
+        until: Some(until),
+        status: args.status.clone(),
+        alert_type: args.r#type.clone(),
+        severity: args.severity.clone(),
+        ..Default::default()
+    };
+    report::alerts::check(&f).map_err(|e| anyhow!("--{e}"))?;
+    f.org = args
         .org
         .as_deref()
         .map(|o| find_org(&cache, o))
-        .transpose()?;
-    let key = args
+        .transpose()?
+        .map(|o| o.to_string());
+    f.key = match args
         .key
         .as_deref()
         .map(|k| find_key(&cache, k))
-        .transpose()?;
-    if let Some(t) = &args.r#type
-        && crate::detect::AlertType::parse(t).is_none()
+        .transpose()?
     {
-        let names: Vec<&str> = crate::detect::AlertType::ALL
-            .iter()
-            .map(|t| t.as_str())
-            .collect();
-        bail!(
-            "--type {t:?} is not an alert type; use one of {}",
-            names.join(", ")
-        );
-    }
-    let alerts: Vec<_> = store
-        .alerts(from, until)
-        .await?
-        .into_iter()
-        .filter(|a| args.r#type.as_ref().is_none_or(|t| &a.alert_type == t))
-        .filter(|a| org.is_none_or(|o| a.org_id.as_deref() == Some(o.to_string().as_str())))
-        .filter(|a| match key {
-            None => true,
-            Some(KeyFilter::Id(k)) => a.key_id.as_deref() == Some(k.to_string().as_str()),
-            Some(KeyFilter::Unknown) => a.key_id.is_none(),
-        })
-        .collect();
+        Some(KeyFilter::Id(k)) => Some(k.to_string()),
+        Some(KeyFilter::Unknown) => Some(String::new()),
+        None => None,
+    };
+    let alerts = report::alerts::alerts(store, &f).await?;
     print_alerts(&alerts, args.format)
 }
 

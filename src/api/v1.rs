@@ -576,9 +576,15 @@ struct OrgParams {
     cursor: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrgOnly {
+    org: Option<String>,
+}
+
 async fn limits(State(s): State<Shared>, p: Principal, uri: Uri) -> Result<Response, ApiError> {
     p.require(Scope::ReportsRead)?;
-    let q: OrgParams = params(&uri)?;
+    let q: OrgOnly = params(&uri)?;
     let cache = s.cache().await?;
     let org = resolve_org(&p, &cache, q.org.as_deref())?;
     let mcps = mcp_scope(&s, &p, None).await?;
@@ -681,12 +687,19 @@ async fn visible_alert(s: &ApiState, p: &Principal, id: &str) -> Result<StoredAl
     Ok(a)
 }
 
+/// The query string of an operation that takes no parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
 async fn alert(
     State(s): State<Shared>,
     p: Principal,
     Path(id): Path<String>,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
     p.require(Scope::ReportsRead)?;
+    let _: NoParams = params(&uri)?;
     Ok(ok(alert_json(&visible_alert(&s, &p, &id).await?)))
 }
 

@@ -72,7 +72,8 @@ pub fn forecast(
     let rate = used as f64 / elapsed as f64;
     let secs = ((limit - used) as f64 / rate).ceil();
     let at = now + chrono::Duration::seconds(secs.min(1e12) as i64);
-    (at < end).then_some(at)
+    // A forecast is no more precise than its minute.
+    (at < end).then(|| crate::usage::Granularity::Minute.truncate(at))
 }
 
 /// Limits at `now` for one organization, or every organization with `org` `None`.
