@@ -64,8 +64,14 @@ impl ApiState {
         self
     }
 
-    pub fn with_auth(mut self, settings: AuthSettings) -> ApiState {
-        self.auth = Arc::new(Authenticator::new(settings));
+    /// Authenticates with `settings`; refused credentials are sent to `refused` as
+    /// request-log lines, for the detectors.
+    pub fn with_auth(
+        mut self,
+        settings: AuthSettings,
+        refused: Option<tokio::sync::mpsc::Sender<crate::source::Chunk>>,
+    ) -> ApiState {
+        self.auth = Arc::new(Authenticator::new(settings).with_refused_events(refused));
         self
     }
 

@@ -99,6 +99,22 @@ pub async fn run_sources(
             }
         }
     }
+    let mut detection = detection;
+    if let Some(mut events) = detection.as_mut().and_then(|d| d.own_events.take()) {
+        let (tx, token) = (tx.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                let chunk = tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    c = events.recv() => c,
+                };
+                let Some(c) = chunk else { return Ok(()) };
+                if tx.send(c).await.is_err() {
+                    return Ok(());
+                }
+            }
+        });
+    }
     drop(tx);
     let mut pipeline = Pipeline::new(store.clone(), keys, metrics.clone(), opts);
     if let Some(p) = progress {
@@ -205,11 +221,12 @@ pub async fn run_daemon(
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
     tracing::info!(listen = %settings.listen, database = store.url(), "Serving /metrics and /healthz.");
+    let (refused_tx, refused_rx) = mpsc::channel::<Chunk>(api::auth::REFUSED_EVENTS_QUEUE);
     let http = tokio::spawn(api::serve(
         listener,
         ApiState::new(metrics.clone(), store.clone())
             .with_keys(Arc::clone(&keys))
-            .with_auth(settings.api_auth.clone()),
+            .with_auth(settings.api_auth.clone(), Some(refused_tx)),
         shutdown.child_token(),
     ));
     let refresher = tokio::spawn(Arc::clone(&keys).refresh_loop(
@@ -237,6 +254,7 @@ pub async fn run_daemon(
     if settings.notify.is_some() {
         detection.notify = Some(change_tracker(&store).await?);
     }
+    detection.own_events = Some(refused_rx);
     let file_opts = FileOptions {
         follow: true,
         start_at_end: settings.start_at_end,
@@ -443,6 +461,7 @@ pub async fn build_detection(
         detectors,
         geo,
         notify: None,
+        own_events: None,
     })
 }
 

@@ -111,6 +111,9 @@ pub struct Detection {
     pub geo: Option<Arc<GeoHandle>>,
     /// When set, the alert changes worth a notification are queued in the outbox.
     pub notify: Option<ChangeTracker>,
+    /// Request-log lines keywatch makes itself, read beside the sources: the HTTP API's
+    /// refused credentials (see `api::auth`), so the detectors see attacks on it too.
+    pub own_events: Option<mpsc::Receiver<Chunk>>,
 }
 
 /// When to commit, and what counts as on time.

@@ -559,6 +559,45 @@ fn failed_attempts_are_rate_limited_per_ip() {
 }
 
 #[test]
+fn refused_credentials_reach_the_pipeline_as_refused_key_lines() {
+    for s in servers(1000) {
+        for k in [&s.keys.unknown, &s.keys.bad_signature, &s.keys.expired] {
+            let (status, _, _) = get(&s, "/v1/usage", &key_auth(k));
+            assert_eq!(status, 401);
+        }
+        let admin = admin();
+        let refused = || {
+            let (d, _) = data(&s, "/v1/usage?mcp=keywatch-api&group_by=mcp", &admin);
+            d.as_array()
+                .unwrap()
+                .first()
+                .map_or(0, |r| r["errors"]["auth"].as_u64().unwrap())
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || refused() == 3),
+            "three refused API requests counted, got {}",
+            refused()
+        );
+        // The expired key is known, and the wrongly signed one is found by its 12-character
+        // prefix (as the pipeline resolves the auth server's refused lines): both count in
+        // their organization; the unknown key in none.
+        let (d, _) = data(&s, "/v1/usage?mcp=keywatch-api&group_by=org", &admin);
+        assert_eq!(
+            requests_by(&d, "org_name"),
+            vec![("".into(), 1), ("Acme".into(), 2)]
+        );
+        // Only 12 characters of a presented key are ever kept.
+        for table in ["kw_dead_letters", "kw_alerts", "kw_key_activity"] {
+            for row in s.db.query(&format!("SELECT * FROM {table}")) {
+                for cell in row.into_iter().flatten() {
+                    assert!(!cell.contains(&s.keys.unknown[12..40]), "{table}: {cell}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn usage_filters_buckets_pagination_and_csv() {
     for s in servers(1000) {
         let reader = key_auth(&s.keys.reader);

@@ -10,7 +10,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
@@ -204,18 +205,113 @@ impl FailureLimiter {
     }
 }
 
+/// Refused credentials waiting for the pipeline; beyond it they are dropped (and logged),
+/// never waited for.
+pub const REFUSED_EVENTS_QUEUE: usize = 1024;
+/// The MCP name refused API requests are counted under, apart from the auth server's.
+pub const API_MCP_NAME: &str = "keywatch-api";
+/// Characters of a presented key kept in a refused-key event, as the auth server's
+/// `auth_audit_log` keeps them: never enough to use.
+const REFUSED_PREFIX_CHARS: usize = 12;
+
+/// A refusal, with the key and organization when the key was known (expired, revoked).
+struct Refusal {
+    error: ApiError,
+    key: Option<(Uuid, Uuid)>,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Refusal {
+        Refusal { error, key: None }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Refusal {
+        ApiError::from(e).into()
+    }
+}
+
+/// What a refused request looked like, for its request-log line.
+pub struct Attempt<'a> {
+    pub ip: Option<IpAddr>,
+    pub method: &'a str,
+    pub path: &'a str,
+}
+
 /// Authenticates requests; shared by every handler.
 #[derive(Debug, Default)]
 pub struct Authenticator {
     settings: AuthSettings,
     failures: Mutex<FailureLimiter>,
+    refused: Option<tokio::sync::mpsc::Sender<crate::source::Chunk>>,
+    line_no: AtomicU64,
 }
 
 impl Authenticator {
     pub fn new(settings: AuthSettings) -> Authenticator {
         Authenticator {
             settings,
-            failures: Mutex::default(),
+            ..Authenticator::default()
+        }
+    }
+
+    /// Sends each refused credential to `tx` as a request-log line (status 401, the
+    /// presented key's first 12 characters), so the detectors see attacks on the API.
+    pub fn with_refused_events(
+        mut self,
+        tx: Option<tokio::sync::mpsc::Sender<crate::source::Chunk>>,
+    ) -> Authenticator {
+        self.refused = tx;
+        self
+    }
+
+    fn report_refusal(
+        &self,
+        headers: &HeaderMap,
+        attempt: &Attempt<'_>,
+        r: &Refusal,
+        now: DateTime<Utc>,
+    ) {
+        let Some(tx) = &self.refused else { return };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' ').map(|(_, k)| k.trim_start()))
+            .filter(|k| k.starts_with(crate::keys::KEY_PREFIX))
+            .map(|k| k.chars().take(REFUSED_PREFIX_CHARS).collect::<String>());
+        let user_agent = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|u| {
+                u.chars()
+                    .take(crate::activity::MAX_VALUE_LEN)
+                    .collect::<String>()
+            });
+        let line = serde_json::json!({
+            "created_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "api_key_id": r.key.map(|k| k.0),
+            "organization_id": r.key.map(|k| k.1),
+            "key_prefix": presented,
+            "mcp_server_name": API_MCP_NAME,
+            "endpoint_path": attempt.path.chars().take(200).collect::<String>(),
+            "http_method": attempt.method,
+            "http_status_code": 401,
+            "latency_ms": 0,
+            "source_ip": attempt.ip.map(|ip| ip.to_string()),
+            "user_agent": user_agent,
+            "error_code": r.error.code(),
+        });
+        let mut data = line.to_string().into_bytes();
+        data.push(b'\n');
+        let chunk = crate::source::Chunk {
+            source: Arc::from("api"),
+            data,
+            first_line_no: self.line_no.fetch_add(1, Ordering::Relaxed) + 1,
+            checkpoint: None,
+        };
+        if tx.try_send(chunk).is_err() {
+            tracing::warn!("The pipeline is behind; a refused API credential was not recorded.");
         }
     }
 
@@ -226,27 +322,32 @@ impl Authenticator {
         &self,
         store: &Store,
         headers: &HeaderMap,
-        ip: Option<IpAddr>,
+        attempt: &Attempt<'_>,
         now: DateTime<Utc>,
     ) -> Result<Principal, ApiError> {
         let limit = self.settings.failures_per_minute;
-        if let Some(ip) = ip {
+        if let Some(ip) = attempt.ip {
             let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(retry_after) = failures.blocked(ip, limit, Instant::now()) {
                 return Err(ApiError::RateLimited { retry_after });
             }
         }
-        let result = self.check(store, headers, now).await;
-        if let (Err(e), Some(ip)) = (&result, ip)
-            && e.is_auth_failure()
-        {
-            tracing::info!(%ip, reason = e.code(), "Refused an API request's credentials.");
-            self.failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .fail(ip, Instant::now());
+        match self.check(store, headers, now).await {
+            Ok(p) => Ok(p),
+            Err(r) => {
+                if r.error.is_auth_failure() {
+                    tracing::info!(ip = ?attempt.ip, reason = r.error.code(), "Refused an API request's credentials.");
+                    if let Some(ip) = attempt.ip {
+                        self.failures
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .fail(ip, Instant::now());
+                    }
+                    self.report_refusal(headers, attempt, &r, now);
+                }
+                Err(r.error)
+            }
         }
-        result
     }
 
     async fn check(
@@ -254,13 +355,13 @@ impl Authenticator {
         store: &Store,
         headers: &HeaderMap,
         now: DateTime<Utc>,
-    ) -> Result<Principal, ApiError> {
+    ) -> Result<Principal, Refusal> {
         let value = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or(ApiError::Unauthorized)?;
         if let Some(token) = value.strip_prefix("Bearer ") {
-            return self.admin(token);
+            return Ok(self.admin(token)?);
         }
         // Exactly the documented form: scheme `ApiKey`, one space, the key.
         let presented = value
@@ -277,13 +378,20 @@ impl Authenticator {
         let row = store.key_by_hash(&key.hash()).await?;
         let k = match row {
             Some(k) if signature_ok => k,
-            _ => return Err(ApiError::Unauthorized),
+            _ => return Err(ApiError::Unauthorized.into()),
         };
+        let known = Some((k.id, k.org_id));
         if k.status != "active" || k.revoked_at.is_some() {
-            return Err(ApiError::RevokedKey);
+            return Err(Refusal {
+                error: ApiError::RevokedKey,
+                key: known,
+            });
         }
         if k.expires_at.is_some_and(|e| e <= now) {
-            return Err(ApiError::ExpiredKey);
+            return Err(Refusal {
+                error: ApiError::ExpiredKey,
+                key: known,
+            });
         }
         Ok(Principal::Key(Box::new(k)))
     }

@@ -111,3 +111,32 @@ pub fn document(routes: &[Route]) -> Value {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_described_once() {
+        let routes = super::super::v1::routes();
+        let doc = document(&routes);
+        let described: usize = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|item| item.as_object().unwrap().len())
+            .sum();
+        assert_eq!(described, routes.len());
+        for r in &routes {
+            let op = &doc["paths"][r.path][r.method.to_ascii_lowercase()];
+            assert_eq!(op["summary"], r.summary, "{} {}", r.method, r.path);
+            let path_params = op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["in"] == "path")
+                .count();
+            assert_eq!(path_params, r.path.matches('{').count());
+        }
+    }
+}

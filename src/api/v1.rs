@@ -294,8 +294,13 @@ impl FromRequestParts<Shared> for Principal {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
+        let attempt = super::auth::Attempt {
+            ip,
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+        };
         s.auth
-            .authenticate(&s.store, &parts.headers, ip, Utc::now())
+            .authenticate(&s.store, &parts.headers, &attempt, Utc::now())
             .await
     }
 }
