@@ -915,10 +915,36 @@ async fn report_usage(store: &Store, args: &UsageArgs) -> anyhow::Result<()> {
     let cache = store.key_cache().await?;
     let q = usage_query(args, &cache, Utc::now())?;
     let rows = report::usage(store, &cache, &q).await?;
-    print_usage(&rows, q.group_by, args.format)
+    // A sparkline per row, for a person at a terminal that can show it.
+    let trends = if args.format == Format::Table
+        && q.bucket.is_none()
+        && std::io::stdout().is_terminal()
+        && terminal_shows_unicode()
+    {
+        Some(report::trends(store, &cache, &q).await?)
+    } else {
+        None
+    };
+    print_usage(&rows, q.group_by, args.format, trends.as_ref())
 }
 
-fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::Result<()> {
+/// Whether the locale is UTF-8 and the terminal not `dumb`: where block characters show.
+fn terminal_shows_unicode() -> bool {
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let locale = [var("LC_ALL"), var("LC_CTYPE"), var("LANG")]
+        .into_iter()
+        .find(|v| !v.is_empty())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    var("TERM") != "dumb" && (locale.contains("utf-8") || locale.contains("utf8"))
+}
+
+fn print_usage(
+    rows: &[UsageRow],
+    group_by: GroupBy,
+    format: Format,
+    trends: Option<&BTreeMap<report::RowId, String>>,
+) -> anyhow::Result<()> {
     if format == Format::Json {
         let data: Vec<_> = rows.iter().map(|r| r.to_json(group_by)).collect();
         println!("{}", json!({"success": true, "data": data}));
@@ -948,6 +974,9 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
         GroupBy::Key => header.extend(["peak_rpm", "rpm_limit"]),
         GroupBy::Org => header.extend(["month_to_date", "monthly_limit", "used"]),
         GroupBy::Mcp => {}
+    }
+    if trends.is_some() {
+        header.push("trend");
     }
     let human = format == Format::Table;
     let num = |n: u64| {
@@ -1012,6 +1041,9 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
                         .map_or(String::new(), |p| format!("{p:.1}%")),
                 ]),
                 GroupBy::Mcp => {}
+            }
+            if let Some(t) = trends {
+                cells.push(t.get(&report::row_id(r)).cloned().unwrap_or_default());
             }
             cells
         })
@@ -1299,6 +1331,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         &report::usage(&store, &cache, &q).await?,
         GroupBy::Org,
         Format::Table,
+        None,
     )?;
     q.group_by = GroupBy::Key;
     println!("\nKeys:");
@@ -1306,6 +1339,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         &report::usage(&store, &cache, &q).await?,
         GroupBy::Key,
         Format::Table,
+        None,
     )?;
     q.group_by = GroupBy::Mcp;
     println!("\nMCPs:");
@@ -1313,6 +1347,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         &report::usage(&store, &cache, &q).await?,
         GroupBy::Mcp,
         Format::Table,
+        None,
     )?;
     let alerts = store
         .alerts(report::beginning(), report::end_of_time())

@@ -332,6 +332,76 @@ pub async fn usage(
     Ok(rows)
 }
 
+/// Which group a usage row is: its key, organization and MCP (those not grouped by are
+/// `None`), so the same group can be found in a bucketed answer to the same question.
+pub type RowId = (Option<Uuid>, Option<Uuid>, Option<String>);
+
+/// A usage row's group.
+pub fn row_id(r: &UsageRow) -> RowId {
+    (r.key_id, r.org_id, r.mcp.clone())
+}
+
+/// Most buckets a sparkline shows (the latest).
+const SPARK_WIDTH: usize = 30;
+
+/// Values as block characters, scaled to the largest.
+pub fn sparkline(values: &[u64]) -> String {
+    const BLOCKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().copied().max().unwrap_or(0).max(1);
+    values
+        .iter()
+        .map(|&v| {
+            if v == 0 {
+                ' '
+            } else {
+                BLOCKS[((v * 7).div_ceil(max) as usize).min(7)]
+            }
+        })
+        .collect()
+}
+
+/// Each group's requests over the question's period, as a sparkline: days, or hours when
+/// the requests fall on at most three days; the latest [`SPARK_WIDTH`] buckets with any.
+pub async fn trends(
+    store: &Store,
+    cache: &KeyCache,
+    q: &UsageQuery,
+) -> Result<BTreeMap<RowId, String>, StoreError> {
+    let by = |g: Granularity, from: DateTime<Utc>| UsageQuery {
+        bucket: Some(g),
+        from,
+        ..q.clone()
+    };
+    let mut rows = usage(store, cache, &by(Granularity::Day, q.from)).await?;
+    let mut axis: Vec<DateTime<Utc>> = rows.iter().filter_map(|r| r.bucket_start).collect();
+    axis.sort();
+    axis.dedup();
+    if let (1..=3, Some(first)) = (axis.len(), axis.first()) {
+        // Few days: hours show more. The first day's bucket may start before the range.
+        rows = usage(store, cache, &by(Granularity::Hour, q.from.max(*first))).await?;
+        axis = rows.iter().filter_map(|r| r.bucket_start).collect();
+        axis.sort();
+        axis.dedup();
+    }
+    let axis = &axis[axis.len().saturating_sub(SPARK_WIDTH)..];
+    let mut series: BTreeMap<RowId, Vec<u64>> = BTreeMap::new();
+    for r in &rows {
+        let Some(i) = r
+            .bucket_start
+            .and_then(|b| axis.iter().position(|a| *a == b))
+        else {
+            continue;
+        };
+        series
+            .entry(row_id(r))
+            .or_insert_with(|| vec![0; axis.len()])[i] += r.counters.requests;
+    }
+    Ok(series
+        .into_iter()
+        .map(|(id, v)| (id, sparkline(&v)))
+        .collect())
+}
+
 /// Requests per organization in the calendar month holding `at`, up to `at`.
 pub async fn month_to_date(
     store: &Store,
@@ -423,6 +493,13 @@ mod tests {
         let minutes = segments(from, until, Granularity::Minute);
         assert_eq!(minutes, vec![(Granularity::Minute, from, until)]);
         assert!(segments(until, from, Granularity::Day).is_empty());
+    }
+
+    #[test]
+    fn sparklines_scale_to_the_largest() {
+        assert_eq!(sparkline(&[0, 1, 4, 8]), " ▁▄█");
+        assert_eq!(sparkline(&[5, 5]), "██");
+        assert_eq!(sparkline(&[]), "");
     }
 
     #[test]

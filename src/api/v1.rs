@@ -475,6 +475,8 @@ fn resolve_key(p: &Principal, cache: &KeyCache, asked: &str) -> Result<KeyFilter
         ))),
         (Some(org), Some(KeyFilter::Id(id))) => match cache.key(&id) {
             Some(k) if k.org_id == org => Ok(KeyFilter::Id(id)),
+            // The key asking about itself, created after the cache's last refresh.
+            None if matches!(p, Principal::Key(me) if me.id == id) => Ok(KeyFilter::Id(id)),
             _ => Err(ApiError::Forbidden),
         },
         (Some(_), _) => Err(ApiError::Forbidden),
