@@ -354,7 +354,7 @@ pub fn sparkline(values: &[u64]) -> String {
             if v == 0 {
                 ' '
             } else {
-                BLOCKS[((v * 7).div_ceil(max) as usize).min(7)]
+                BLOCKS[((v * 8).div_ceil(max) as usize).clamp(1, 8) - 1]
             }
         })
         .collect()
