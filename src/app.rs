@@ -99,6 +99,22 @@ pub async fn run_sources(
             }
         }
     }
+    let mut detection = detection;
+    if let Some(mut events) = detection.as_mut().and_then(|d| d.own_events.take()) {
+        let (tx, token) = (tx.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                let chunk = tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    c = events.recv() => c,
+                };
+                let Some(c) = chunk else { return Ok(()) };
+                if tx.send(c).await.is_err() {
+                    return Ok(());
+                }
+            }
+        });
+    }
     drop(tx);
     let mut pipeline = Pipeline::new(store.clone(), keys, metrics.clone(), opts);
     if let Some(p) = progress {
@@ -152,6 +168,8 @@ pub struct DaemonSettings {
     pub notify: Option<Notify>,
     /// Where alerts.toml was read from (and whether it must exist), to re-read it on SIGHUP.
     pub alerts_file: Option<(PathBuf, bool)>,
+    /// How the HTTP API authenticates.
+    pub api_auth: crate::api::auth::AuthSettings,
 }
 
 /// Alert delivery for `alerts`: its settings and receivers, with the environment read and
@@ -221,12 +239,12 @@ pub async fn run_daemon(
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
     tracing::info!(listen = %settings.listen, database = store.url(), "Serving /metrics and /healthz.");
+    let (refused_tx, refused_rx) = mpsc::channel::<Chunk>(api::auth::REFUSED_EVENTS_QUEUE);
     let http = tokio::spawn(api::serve(
         listener,
-        ApiState {
-            metrics: metrics.clone(),
-            store: store.clone(),
-        },
+        ApiState::new(metrics.clone(), store.clone())
+            .with_keys(Arc::clone(&keys))
+            .with_auth(settings.api_auth.clone(), Some(refused_tx)),
         shutdown.child_token(),
     ));
     let refresher = tokio::spawn(Arc::clone(&keys).refresh_loop(
@@ -267,6 +285,7 @@ pub async fn run_daemon(
             shutdown.child_token(),
         ));
     }
+    detection.own_events = Some(refused_rx);
     let file_opts = FileOptions {
         follow: true,
         start_at_end: settings.start_at_end,
@@ -575,6 +594,7 @@ pub async fn build_detection(
         geo,
         notify: None,
         allow_updates: None,
+        own_events: None,
     })
 }
 

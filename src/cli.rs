@@ -152,6 +152,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub alerts: AlertsFile,
 
+    #[command(flatten)]
+    pub api: ApiAuthArgs,
+
     /// Start files seen for the first time at their end instead of their beginning.
     #[arg(long, env = "KEYWATCH_START_AT_END")]
     pub start_at_end: bool,
@@ -216,6 +219,38 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub metrics_idle_expiry: std::time::Duration,
+}
+
+/// How the HTTP API under /v1 authenticates.
+#[derive(Debug, Clone, Args)]
+pub struct ApiAuthArgs {
+    /// SHA-256 hashes (hex, as `sha256sum` prints them) of the admin tokens, comma-separated;
+    /// an admin sends `Authorization: Bearer TOKEN` and sees every organization.
+    #[arg(
+        long = "admin-token-sha256",
+        env = "KEYWATCH_ADMIN_TOKEN_SHA256",
+        value_delimiter = ',',
+        value_name = "HEX,..."
+    )]
+    pub admin_token_sha256: Vec<String>,
+    /// The auth server's API_KEY_HMAC_SECRET: keys whose signature does not verify are
+    /// refused. Without it, keys are checked by their hash alone.
+    #[arg(
+        long = "api-key-hmac-secret",
+        env = "KEYWATCH_API_KEY_HMAC_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub hmac_secret: Option<String>,
+    /// Failed authentications allowed per client IP and minute before the API answers 429.
+    #[arg(
+        long,
+        env = "KEYWATCH_API_AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000),
+        value_name = "N"
+    )]
+    pub api_auth_failures_per_minute: u32,
 }
 
 #[derive(Debug, Args)]
@@ -356,6 +391,16 @@ pub enum ReportCommand {
     Usage(UsageArgs),
     /// Alerts the detectors raised, by when their episode started.
     Alerts(AlertsArgs),
+    /// Per organization: month-to-date usage against the monthly limit, and when the limit
+    /// is reached at this month's rate; per key: the busiest minute against its limit, 429s.
+    Limits(OrgReportArgs),
+    /// Where and how one key was used: countries, cities, networks, IPs and user agents (first
+    /// and last seen, requests), MCPs and errors. Without a range: the last 7 days.
+    Activity(ActivityArgs),
+    /// Keys that break the documented security practices: no expiry, valid for more than a
+    /// year, expiring within 7 days while in use, unused for 30 days, access to all MCPs but
+    /// using at most two, still in use after a newer key of the same name was created.
+    Hygiene(OrgReportArgs),
     /// Lines that were refused, with their source, line number, reason and text.
     Rejected {
         /// Only lines of this source (for example file:/var/log/plexmcp/requests.log).
@@ -411,12 +456,39 @@ pub struct AlertsArgs {
     /// Alert type, for example new_country or error_spike.
     #[arg(long = "type", value_name = "TYPE")]
     pub r#type: Option<String>,
+    /// Status: firing, acknowledged, resolved or benign.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Severity: info, low, medium, high or critical.
+    #[arg(long)]
+    pub severity: Option<String>,
     /// Organization id or slug.
     #[arg(long)]
     pub org: Option<String>,
     /// Key id or prefix.
     #[arg(long)]
     pub key: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// A report about one organization, or all of them.
+#[derive(Debug, Args)]
+pub struct OrgReportArgs {
+    /// Organization id or slug.
+    #[arg(long)]
+    pub org: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ActivityArgs {
+    /// Key id or prefix.
+    #[arg(long)]
+    pub key: String,
+    #[command(flatten)]
+    pub range: TimeRange,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

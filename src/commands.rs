@@ -34,6 +34,8 @@ use crate::source::file::FileOptions;
 use crate::store::{NewKeyRow, NewOrg, Store};
 use crate::usage::Granularity;
 
+mod reports;
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
@@ -48,8 +50,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let alerts = load_alerts(&args.alerts)?;
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let notify = app::notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
+            let api_auth = crate::api::auth::AuthSettings::new(
+                args.api.hmac_secret.as_deref(),
+                &args.api.admin_token_sha256,
+                args.api.api_auth_failures_per_minute,
+            )?;
             let store = Store::open(&g.database_url).await?;
             let settings = DaemonSettings {
+                api_auth,
                 notify: Some(notify),
                 alerts_file: Some((args.alerts.path.clone(), alerts_required(&args.alerts))),
                 geo,
@@ -132,6 +140,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 &rows,
                 format,
             )
+        }
+        Command::Report(ReportCommand::Limits(args)) => {
+            let store = Store::open(&g.database_url).await?;
+            reports::limits(&store, &args).await
+        }
+        Command::Report(ReportCommand::Activity(args)) => {
+            let store = Store::open(&g.database_url).await?;
+            reports::activity(&store, &args).await
+        }
+        Command::Report(ReportCommand::Hygiene(args)) => {
+            let store = Store::open(&g.database_url).await?;
+            reports::hygiene(&store, &args).await
         }
         Command::Report(ReportCommand::Alerts(args)) => {
             let store = Store::open(&g.database_url).await?;
@@ -780,13 +800,7 @@ fn print_rows(header: &[&str], rows: &[Vec<String>], format: Format) -> anyhow::
                 .collect();
             writeln!(out, "{}", json!({"success": true, "data": data}))?;
         }
-        Format::Csv => {
-            writeln!(out, "{}", header.join(","))?;
-            for r in rows {
-                let cells: Vec<String> = r.iter().map(|c| csv_cell(c)).collect();
-                writeln!(out, "{}", cells.join(","))?;
-            }
-        }
+        Format::Csv => crate::report::csv::write_csv(&mut out, header, rows)?,
         Format::Table => write_table(&mut out, header, rows)?,
     }
     Ok(())
@@ -821,21 +835,6 @@ fn write_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> s
         writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
     }
     Ok(())
-}
-
-/// A CSV cell, quoted when needed; a leading formula character is neutralised so a
-/// spreadsheet never runs text that came from a log line.
-fn csv_cell(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '@']) || (s.starts_with('-') && s.parse::<f64>().is_err()) {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
 }
 
 fn parse_time(flag: &str, s: &str) -> anyhow::Result<DateTime<Utc>> {
@@ -912,10 +911,36 @@ async fn report_usage(store: &Store, args: &UsageArgs) -> anyhow::Result<()> {
     let cache = store.key_cache().await?;
     let q = usage_query(args, &cache, Utc::now())?;
     let rows = report::usage(store, &cache, &q).await?;
-    print_usage(&rows, q.group_by, args.format)
+    // A sparkline per row, for a person at a terminal that can show it.
+    let trends = if args.format == Format::Table
+        && q.bucket.is_none()
+        && std::io::stdout().is_terminal()
+        && terminal_shows_unicode()
+    {
+        Some(report::trends(store, &cache, &q).await?)
+    } else {
+        None
+    };
+    print_usage(&rows, q.group_by, args.format, trends.as_ref())
 }
 
-fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::Result<()> {
+/// Whether the locale is UTF-8 and the terminal not `dumb`: where block characters show.
+fn terminal_shows_unicode() -> bool {
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let locale = [var("LC_ALL"), var("LC_CTYPE"), var("LANG")]
+        .into_iter()
+        .find(|v| !v.is_empty())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    var("TERM") != "dumb" && (locale.contains("utf-8") || locale.contains("utf8"))
+}
+
+fn print_usage(
+    rows: &[UsageRow],
+    group_by: GroupBy,
+    format: Format,
+    trends: Option<&BTreeMap<report::RowId, String>>,
+) -> anyhow::Result<()> {
     if format == Format::Json {
         let data: Vec<_> = rows.iter().map(|r| r.to_json(group_by)).collect();
         println!("{}", json!({"success": true, "data": data}));
@@ -945,6 +970,9 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
         GroupBy::Key => header.extend(["peak_rpm", "rpm_limit"]),
         GroupBy::Org => header.extend(["month_to_date", "monthly_limit", "used"]),
         GroupBy::Mcp => {}
+    }
+    if trends.is_some() {
+        header.push("trend");
     }
     let human = format == Format::Table;
     let num = |n: u64| {
@@ -1010,6 +1038,9 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
                 ]),
                 GroupBy::Mcp => {}
             }
+            if let Some(t) = trends {
+                cells.push(t.get(&report::row_id(r)).cloned().unwrap_or_default());
+            }
             cells
         })
         .collect();
@@ -1019,40 +1050,32 @@ fn print_usage(rows: &[UsageRow], group_by: GroupBy, format: Format) -> anyhow::
 async fn report_alerts(store: &Store, args: &AlertsArgs) -> anyhow::Result<()> {
     let cache = store.key_cache().await?;
     let Range { from, until, .. } = resolve_range(&args.range, Utc::now())?;
-    let org = args
+    let mut f = crate::store::AlertFilter {
+        from: Some(from),
+        until: Some(until),
+        status: args.status.clone(),
+        alert_type: args.r#type.clone(),
+        severity: args.severity.clone(),
+        ..Default::default()
+    };
+    report::alerts::check(&f).map_err(|e| anyhow!("--{e}"))?;
+    f.org = args
         .org
         .as_deref()
         .map(|o| find_org(&cache, o))
-        .transpose()?;
-    let key = args
+        .transpose()?
+        .map(|o| o.to_string());
+    f.key = match args
         .key
         .as_deref()
         .map(|k| find_key(&cache, k))
-        .transpose()?;
-    if let Some(t) = &args.r#type
-        && crate::detect::AlertType::parse(t).is_none()
+        .transpose()?
     {
-        let names: Vec<&str> = crate::detect::AlertType::ALL
-            .iter()
-            .map(|t| t.as_str())
-            .collect();
-        bail!(
-            "--type {t:?} is not an alert type; use one of {}",
-            names.join(", ")
-        );
-    }
-    let alerts: Vec<_> = store
-        .alerts(from, until)
-        .await?
-        .into_iter()
-        .filter(|a| args.r#type.as_ref().is_none_or(|t| &a.alert_type == t))
-        .filter(|a| org.is_none_or(|o| a.org_id.as_deref() == Some(o.to_string().as_str())))
-        .filter(|a| match key {
-            None => true,
-            Some(KeyFilter::Id(k)) => a.key_id.as_deref() == Some(k.to_string().as_str()),
-            Some(KeyFilter::Unknown) => a.key_id.is_none(),
-        })
-        .collect();
+        Some(KeyFilter::Id(k)) => Some(k.to_string()),
+        Some(KeyFilter::Unknown) => Some(String::new()),
+        None => None,
+    };
+    let alerts = report::alerts::alerts(store, &f).await?;
     print_alerts(&alerts, args.format)
 }
 
@@ -1304,6 +1327,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         &report::usage(&store, &cache, &q).await?,
         GroupBy::Org,
         Format::Table,
+        None,
     )?;
     q.group_by = GroupBy::Key;
     println!("\nKeys:");
@@ -1311,6 +1335,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         &report::usage(&store, &cache, &q).await?,
         GroupBy::Key,
         Format::Table,
+        None,
     )?;
     q.group_by = GroupBy::Mcp;
     println!("\nMCPs:");
@@ -1318,6 +1343,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         &report::usage(&store, &cache, &q).await?,
         GroupBy::Mcp,
         Format::Table,
+        None,
     )?;
     let alerts = store
         .alerts(report::beginning(), report::end_of_time())
@@ -1361,10 +1387,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     );
     crate::api::serve(
         listener,
-        crate::api::ApiState {
-            metrics,
-            store: store.clone(),
-        },
+        crate::api::ApiState::new(metrics, store.clone()),
         shutdown,
     )
     .await
@@ -1435,13 +1458,5 @@ mod tests {
     fn slugs() {
         assert_eq!(slugify("Acme Corp, Inc."), "acme-corp-inc");
         assert_eq!(slugify("  --  "), "");
-    }
-
-    #[test]
-    fn csv_cells_cannot_inject_formulas() {
-        assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
-        assert_eq!(csv_cell("a,b"), "\"a,b\"");
-        assert_eq!(csv_cell("-5"), "-5");
-        assert_eq!(csv_cell("plain"), "plain");
     }
 }

@@ -13,10 +13,12 @@
 //! the sources it covers, and with the alert changes worth telling someone about, which
 //! [`notify`] then routes, groups and delivers from the outbox (detect → alert → notify). Beside the pipeline: [`store`] (all SQL, both dialects),
 //! [`report`] (the query layer the CLI and the API share), [`metrics`] (every metric),
-//! [`api`] (HTTP: /metrics, /healthz), [`geo`] (GeoIP lookups), [`simulate`] (synthetic
+//! [`api`] (HTTP: /metrics, /healthz, /readyz and the reports API under /v1), [`activity`]
+//! (where each key was used from, bounded), [`geo`] (GeoIP lookups), [`simulate`] (synthetic
 //! traffic for the demo, tests and benchmarks), [`cli`] (flags only) and [`commands`] (what
 //! each subcommand does). [`app`] wires the daemon together.
 
+pub mod activity;
 pub mod api;
 pub mod app;
 pub mod cli;

@@ -113,6 +113,9 @@ pub struct Detection {
     pub notify: Option<ChangeTracker>,
     /// A new `[[allow]]` list from a reloaded alerts.toml, applied at the next chunk.
     pub allow_updates: Option<tokio::sync::watch::Receiver<crate::detect::allow::Allowlist>>,
+    /// Request-log lines keywatch makes itself, read beside the sources: the HTTP API's
+    /// refused credentials (see `api::auth`), so the detectors see attacks on it too.
+    pub own_events: Option<mpsc::Receiver<Chunk>>,
 }
 
 /// When to commit, and what counts as on time.
@@ -192,6 +195,8 @@ pub struct Pipeline {
     changes: Option<ChangeTracker>,
     /// When the detectors' state was last saved.
     state_saved: Instant,
+    /// Which activity values each key-day keeps (the bound outlives a commit).
+    activity: crate::activity::ActivityTracker,
 }
 
 /// Queues the notification-worthy change `f` makes, when notifications are on.
@@ -228,6 +233,7 @@ impl Pipeline {
             detection: None,
             changes: None,
             state_saved: Instant::now(),
+            activity: Default::default(),
         }
     }
 
@@ -347,13 +353,16 @@ impl Pipeline {
                 rec.response_size_bytes,
             );
             metrics_tally.request(at, rec.http_status_code, rec.latency_ms);
+            let loc = match (rec.source_ip, &geo) {
+                (Some(ip), Some(g)) => g.locate(ip),
+                _ => Location::default(),
+            };
+            if let (Some(key), true) = (resolved.key_id, resolved.known) {
+                self.record_activity(key, at, rec.source_ip, &loc, rec.user_agent.as_deref());
+            }
             // Detectors run on event time within the lateness bound; later lines are counted
             // above but would rewrite windows the detectors have already closed.
             if let Some(d) = self.detection.as_mut().filter(|_| !late) {
-                let loc = match (rec.source_ip, &geo) {
-                    (Some(ip), Some(g)) => g.locate(ip),
-                    _ => Location::default(),
-                };
                 let obs = Observation {
                     at,
                     key_id: resolved.key_id,
@@ -362,7 +371,7 @@ impl Pipeline {
                     status: rec.http_status_code,
                     source_ip: rec.source_ip,
                     country: loc.country,
-                    city: loc.city,
+                    city: loc.city.clone(),
                     lat_lon: loc.lat_lon,
                     accuracy_km: loc.accuracy_km,
                     asn: loc.asn,
@@ -382,6 +391,9 @@ impl Pipeline {
                     self.batch.findings.push(f);
                 }
             }
+        }
+        if let Some(w) = self.watermark {
+            self.activity.forget_before(w);
         }
         if let (Some(d), Some(w)) = (self.detection.as_mut(), self.watermark) {
             for f in d.detectors.tick(w) {
@@ -409,6 +421,35 @@ impl Pipeline {
                 chunk.data.len() as u64,
                 self.stats.accepted + self.stats.rejected_total(),
             );
+        }
+    }
+
+    /// Counts where a known key was used from, for the activity report.
+    fn record_activity(
+        &mut self,
+        key: Uuid,
+        at: DateTime<Utc>,
+        ip: Option<std::net::IpAddr>,
+        loc: &Location,
+        user_agent: Option<&str>,
+    ) {
+        use crate::activity::Facet;
+        let out = &mut self.batch.activity;
+        let t = &mut self.activity;
+        if let Some(ip) = ip {
+            t.record(out, key, at, Facet::Ip, &ip.to_string());
+        }
+        if let Some(c) = loc.country {
+            t.record(out, key, at, Facet::Country, &String::from_utf8_lossy(&c));
+        }
+        if let Some(city) = &loc.city {
+            t.record(out, key, at, Facet::City, city);
+        }
+        if let Some(asn) = loc.asn {
+            t.record(out, key, at, Facet::Network, &format!("AS{asn}"));
+        }
+        if let Some(ua) = user_agent {
+            t.record(out, key, at, Facet::UserAgent, ua);
         }
     }
 

@@ -1,5 +1,6 @@
-//! The query layer behind `keywatch report` (and, later, the HTTP API): usage per key,
-//! organization or MCP over a time range, with limits beside it.
+//! The query layer behind `keywatch report` and the HTTP API (`/v1`): usage per key,
+//! organization or MCP over a time range, with limits beside it; and, in its submodules,
+//! limits and forecasts, alerts, a key's activity and key hygiene.
 //!
 //! Owns how a range is answered exactly from the rollups: it is cut into segments that whole
 //! buckets cover (days in the middle, hours at the edges, minutes at the very ends), each
@@ -11,6 +12,12 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
+
+pub mod activity;
+pub mod alerts;
+pub mod csv;
+pub mod hygiene;
+pub mod limits;
 
 use crate::keys::KeyCache;
 use crate::store::{SegmentQuery, Store, StoreError};
@@ -38,6 +45,8 @@ pub struct UsageQuery {
     pub org: Option<Uuid>,
     pub key: Option<KeyFilter>,
     pub mcp: Option<String>,
+    /// Only these MCPs (a key limited to some MCPs asking); `None` for no such limit.
+    pub mcps: Option<Vec<String>>,
     pub from: DateTime<Utc>,
     pub until: DateTime<Utc>,
     /// The instant month-to-date is computed at: `until` when one was given, else now.
@@ -53,6 +62,7 @@ impl UsageQuery {
             org: None,
             key: None,
             mcp: None,
+            mcps: None,
             from: beginning(),
             until: end_of_time(),
             month_at: now,
@@ -228,6 +238,7 @@ pub async fn usage(
             KeyFilter::Unknown => String::new(),
         }),
         mcp: q.mcp.clone(),
+        mcps: q.mcps.clone(),
         by_key: q.group_by == GroupBy::Key,
         by_org: q.group_by == GroupBy::Org,
         by_mcp: q.group_by == GroupBy::Mcp,
@@ -321,6 +332,76 @@ pub async fn usage(
     Ok(rows)
 }
 
+/// Which group a usage row is: its key, organization and MCP (those not grouped by are
+/// `None`), so the same group can be found in a bucketed answer to the same question.
+pub type RowId = (Option<Uuid>, Option<Uuid>, Option<String>);
+
+/// A usage row's group.
+pub fn row_id(r: &UsageRow) -> RowId {
+    (r.key_id, r.org_id, r.mcp.clone())
+}
+
+/// Most buckets a sparkline shows (the latest).
+const SPARK_WIDTH: usize = 30;
+
+/// Values as block characters, scaled to the largest.
+pub fn sparkline(values: &[u64]) -> String {
+    const BLOCKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().copied().max().unwrap_or(0).max(1);
+    values
+        .iter()
+        .map(|&v| {
+            if v == 0 {
+                ' '
+            } else {
+                BLOCKS[((v * 8).div_ceil(max) as usize).clamp(1, 8) - 1]
+            }
+        })
+        .collect()
+}
+
+/// Each group's requests over the question's period, as a sparkline: days, or hours when
+/// the requests fall on at most three days; the latest [`SPARK_WIDTH`] buckets with any.
+pub async fn trends(
+    store: &Store,
+    cache: &KeyCache,
+    q: &UsageQuery,
+) -> Result<BTreeMap<RowId, String>, StoreError> {
+    let by = |g: Granularity, from: DateTime<Utc>| UsageQuery {
+        bucket: Some(g),
+        from,
+        ..q.clone()
+    };
+    let mut rows = usage(store, cache, &by(Granularity::Day, q.from)).await?;
+    let mut axis: Vec<DateTime<Utc>> = rows.iter().filter_map(|r| r.bucket_start).collect();
+    axis.sort();
+    axis.dedup();
+    if let (1..=3, Some(first)) = (axis.len(), axis.first()) {
+        // Few days: hours show more. The first day's bucket may start before the range.
+        rows = usage(store, cache, &by(Granularity::Hour, q.from.max(*first))).await?;
+        axis = rows.iter().filter_map(|r| r.bucket_start).collect();
+        axis.sort();
+        axis.dedup();
+    }
+    let axis = &axis[axis.len().saturating_sub(SPARK_WIDTH)..];
+    let mut series: BTreeMap<RowId, Vec<u64>> = BTreeMap::new();
+    for r in &rows {
+        let Some(i) = r
+            .bucket_start
+            .and_then(|b| axis.iter().position(|a| *a == b))
+        else {
+            continue;
+        };
+        series
+            .entry(row_id(r))
+            .or_insert_with(|| vec![0; axis.len()])[i] += r.counters.requests;
+    }
+    Ok(series
+        .into_iter()
+        .map(|(id, v)| (id, sparkline(&v)))
+        .collect())
+}
+
 /// Requests per organization in the calendar month holding `at`, up to `at`.
 pub async fn month_to_date(
     store: &Store,
@@ -336,6 +417,7 @@ pub async fn month_to_date(
             org: None,
             key: None,
             mcp: None,
+            mcps: None,
             by_key: false,
             by_org: true,
             by_mcp: false,
@@ -411,6 +493,13 @@ mod tests {
         let minutes = segments(from, until, Granularity::Minute);
         assert_eq!(minutes, vec![(Granularity::Minute, from, until)]);
         assert!(segments(until, from, Granularity::Day).is_empty());
+    }
+
+    #[test]
+    fn sparklines_scale_to_the_largest() {
+        assert_eq!(sparkline(&[0, 1, 4, 8]), " ▁▄█");
+        assert_eq!(sparkline(&[5, 5]), "██");
+        assert_eq!(sparkline(&[]), "");
     }
 
     #[test]

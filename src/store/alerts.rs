@@ -62,8 +62,8 @@ pub(crate) const UPSERT: &str = "INSERT INTO kw_alerts (fingerprint, alert_type,
      key_prefix, org_id, source_ip, started_at, last_seen_at, resolved_at, summary, evidence, \
      detected_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $10) \
      ON CONFLICT (fingerprint) DO UPDATE SET severity = excluded.severity, \
-     status = CASE WHEN kw_alerts.status = 'benign' AND excluded.status = 'firing' \
-     AND excluded.started_at <= kw_alerts.last_seen_at THEN 'benign' ELSE excluded.status END, \
+     status = CASE WHEN kw_alerts.status IN ('benign', 'acknowledged') AND excluded.status = 'firing' \
+     AND excluded.started_at <= kw_alerts.last_seen_at THEN kw_alerts.status ELSE excluded.status END, \
      key_prefix = COALESCE(excluded.key_prefix, kw_alerts.key_prefix), \
      source_ip = COALESCE(excluded.source_ip, kw_alerts.source_ip), \
      started_at = CASE WHEN excluded.started_at > kw_alerts.last_seen_at \
@@ -122,6 +122,52 @@ type AlertRow = (
     String,
 );
 
+/// Which alerts to read: every filter is optional and parameterized; `after` is the keyset
+/// cursor (start time and id of the last alert of the previous page).
+#[derive(Debug, Clone, Default)]
+pub struct AlertFilter {
+    pub from: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub status: Option<String>,
+    pub alert_type: Option<String>,
+    pub severity: Option<String>,
+    pub org: Option<String>,
+    /// A key id, or `Some("")` for alerts about no known key.
+    pub key: Option<String>,
+    pub id: Option<String>,
+    pub after: Option<(DateTime<Utc>, String)>,
+    pub limit: Option<i64>,
+}
+
+const ALERT_COLUMNS: &str = "SELECT fingerprint, alert_type, severity, status, key_id, key_prefix, org_id, \
+     source_ip, CAST(started_at AS TEXT), CAST(last_seen_at AS TEXT), CAST(resolved_at AS TEXT), \
+     summary, evidence, CAST(COALESCE(detected_at, started_at) AS TEXT) FROM kw_alerts WHERE 1 = 1";
+
+fn alert_from_row(r: AlertRow) -> StoredAlert {
+    let t = |s: &str| crate::event::parse_timestamp(s).unwrap_or_default();
+    let evidence: serde_json::Value =
+        serde_json::from_str(&r.12).unwrap_or(serde_json::Value::Null);
+    StoredAlert {
+        id: r.0,
+        alert_type: r.1,
+        severity: r.2,
+        status: r.3,
+        key_id: r.4,
+        key_prefix: r.5,
+        org_id: r.6,
+        source_ip: r.7,
+        started_at: t(&r.8),
+        last_seen_at: t(&r.9),
+        resolved_at: r.10.as_deref().map(t),
+        detected_at: t(&r.13),
+        summary: r.11,
+        threshold: evidence
+            .get("threshold")
+            .and_then(serde_json::Value::as_f64),
+        evidence,
+    }
+}
+
 impl Store {
     /// Alerts whose episode started in `[from, until)`, oldest first.
     pub async fn alerts(
@@ -129,43 +175,94 @@ impl Store {
         from: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<StoredAlert>, StoreError> {
-        let rows: Vec<AlertRow> = with_pool!(self, p => sqlx::query_as(
-            "SELECT fingerprint, alert_type, severity, status, key_id, key_prefix, org_id, source_ip, \
-             CAST(started_at AS TEXT), CAST(last_seen_at AS TEXT), CAST(resolved_at AS TEXT), summary, evidence, \
-             CAST(COALESCE(detected_at, started_at) AS TEXT) FROM kw_alerts WHERE started_at >= $1 AND started_at < $2 ORDER BY started_at, fingerprint",
-        )
-        .bind(DbTime(from))
-        .bind(DbTime(until))
-        .fetch_all(p)
-        .await)
-        .context("reading alerts")?;
-        let t = |s: &str| crate::event::parse_timestamp(s).unwrap_or_default();
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let evidence: serde_json::Value =
-                    serde_json::from_str(&r.12).unwrap_or(serde_json::Value::Null);
-                StoredAlert {
-                    id: r.0,
-                    alert_type: r.1,
-                    severity: r.2,
-                    status: r.3,
-                    key_id: r.4,
-                    key_prefix: r.5,
-                    org_id: r.6,
-                    source_ip: r.7,
-                    started_at: t(&r.8),
-                    last_seen_at: t(&r.9),
-                    resolved_at: r.10.as_deref().map(t),
-                    detected_at: t(&r.13),
-                    summary: r.11,
-                    threshold: evidence
-                        .get("threshold")
-                        .and_then(serde_json::Value::as_f64),
-                    evidence,
+        self.alerts_matching(&AlertFilter {
+            from: Some(from),
+            until: Some(until),
+            ..AlertFilter::default()
+        })
+        .await
+    }
+
+    /// Alerts matching `f`, by start time then id.
+    pub async fn alerts_matching(&self, f: &AlertFilter) -> Result<Vec<StoredAlert>, StoreError> {
+        with_pool!(self, p => {
+            let mut qb = sqlx::QueryBuilder::new(ALERT_COLUMNS);
+            if let Some(from) = f.from {
+                qb.push(" AND started_at >= ").push_bind(DbTime(from));
+            }
+            if let Some(until) = f.until {
+                qb.push(" AND started_at < ").push_bind(DbTime(until));
+            }
+            for (col, v) in [
+                ("status", &f.status),
+                ("alert_type", &f.alert_type),
+                ("severity", &f.severity),
+                ("org_id", &f.org),
+                ("fingerprint", &f.id),
+            ] {
+                if let Some(v) = v {
+                    qb.push(format!(" AND {col} = ")).push_bind(v.clone());
                 }
+            }
+            match f.key.as_deref() {
+                Some("") => {
+                    qb.push(" AND key_id IS NULL");
+                }
+                Some(k) => {
+                    qb.push(" AND key_id = ").push_bind(k.to_owned());
+                }
+                None => {}
+            }
+            if let Some((at, id)) = &f.after {
+                qb.push(" AND (started_at > ")
+                    .push_bind(DbTime(*at))
+                    .push(" OR (started_at = ")
+                    .push_bind(DbTime(*at))
+                    .push(" AND fingerprint > ")
+                    .push_bind(id.clone())
+                    .push("))");
+            }
+            qb.push(" ORDER BY started_at, fingerprint");
+            if let Some(n) = f.limit {
+                qb.push(" LIMIT ").push_bind(n);
+            }
+            let rows: Vec<AlertRow> = qb
+                .build_query_as()
+                .fetch_all(p)
+                .await
+                .context("reading alerts")?;
+            Ok(rows.into_iter().map(alert_from_row).collect())
+        })
+    }
+
+    /// One alert by id.
+    pub async fn alert(&self, id: &str) -> Result<Option<StoredAlert>, StoreError> {
+        Ok(self
+            .alerts_matching(&AlertFilter {
+                id: Some(id.to_owned()),
+                ..AlertFilter::default()
             })
-            .collect())
+            .await?
+            .pop())
+    }
+}
+
+/// What a person can do with an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertAction {
+    Ack,
+    Resolve,
+    Benign,
+}
+
+impl AlertAction {
+    /// The status the alert takes.
+    pub fn status(self) -> &'static str {
+        match self {
+            AlertAction::Ack => "acknowledged",
+            AlertAction::Resolve => "resolved",
+            AlertAction::Benign => "benign",
+        }
     }
 }
 
@@ -180,15 +277,33 @@ pub struct BenignPlace {
 impl Store {
     /// Marks the alert `id` benign with `reason`; `false` when there is no such alert.
     pub async fn mark_benign(&self, id: &str, reason: &str) -> Result<bool, StoreError> {
+        self.set_alert_status(id, AlertAction::Benign, reason, Utc::now())
+            .await
+    }
+
+    /// Records what a person did with the alert `id` (the note is kept with it); `false`
+    /// when there is no such alert. A resolved alert gets `resolved_at`; acknowledged and
+    /// benign alerts keep their status while the same episode goes on (see [`UPSERT`]).
+    pub async fn set_alert_status(
+        &self,
+        id: &str,
+        action: AlertAction,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let done = with_pool!(self, p => sqlx::query(
-            "UPDATE kw_alerts SET status = 'benign', note = $2 WHERE fingerprint = $1",
+            "UPDATE kw_alerts SET status = $2, note = $3, \
+             resolved_at = CASE WHEN $2 = 'resolved' THEN COALESCE(resolved_at, $4) ELSE resolved_at END \
+             WHERE fingerprint = $1",
         )
         .bind(id)
-        .bind(reason)
+        .bind(action.status())
+        .bind(note)
+        .bind(DbTime(now))
         .execute(p)
         .await
         .map(|r| r.rows_affected()))
-        .context("marking an alert benign")?;
+        .context("changing an alert's status")?;
         Ok(done > 0)
     }
 

@@ -37,6 +37,8 @@ pub struct Batch {
     pub findings: Vec<crate::detect::Finding>,
     /// The changes among them worth a notification, queued in the outbox with them.
     pub changes: Vec<crate::notify::AlertChange>,
+    /// Where keys were used from (bounded by `crate::activity`).
+    pub activity: crate::activity::Activity,
 }
 
 impl Batch {
@@ -46,6 +48,7 @@ impl Batch {
             && self.dead_letters.is_empty()
             && self.findings.is_empty()
             && self.changes.is_empty()
+            && self.activity.is_empty()
     }
 }
 
@@ -160,6 +163,38 @@ impl Store {
                 .execute(&mut *tx)
                 .await
                 .context("keeping a refused line")?;
+            }
+            let activity: Vec<_> = batch.activity.iter().collect();
+            for chunk in activity.chunks(ROWS_PER_STATEMENT) {
+                let mut qb = QueryBuilder::new(
+                    "INSERT INTO kw_key_activity (key_id, day, facet, value, first_seen, last_seen, requests) ",
+                );
+                qb.push_values(chunk.iter().copied(), |mut b, (k, seen)| {
+                    b.push_bind(k.key_id.hyphenated().to_string())
+                        .push_bind(DbTime(k.day))
+                        .push_bind(k.facet.as_str())
+                        .push_bind(k.value.clone())
+                        .push_bind(DbTime(seen.first))
+                        .push_bind(DbTime(seen.last))
+                        .push_bind(i64::try_from(seen.requests).unwrap_or(i64::MAX));
+                });
+                qb.push(
+                    " ON CONFLICT (key_id, day, facet, value) DO UPDATE SET \
+                     first_seen = CASE WHEN excluded.first_seen < kw_key_activity.first_seen \
+                     THEN excluded.first_seen ELSE kw_key_activity.first_seen END, \
+                     last_seen = CASE WHEN excluded.last_seen > kw_key_activity.last_seen \
+                     THEN excluded.last_seen ELSE kw_key_activity.last_seen END, \
+                     requests = kw_key_activity.requests + excluded.requests",
+                );
+                qb.build().execute(&mut *tx).await.context("recording key activity")?;
+            }
+            if !batch.activity.is_empty() {
+                let cutoff = now - chrono::Duration::days(crate::activity::RETENTION_DAYS);
+                sqlx::query("DELETE FROM kw_key_activity WHERE day < $1")
+                    .bind(DbTime(cutoff))
+                    .execute(&mut *tx)
+                    .await
+                    .context("forgetting old key activity")?;
             }
             super::alerts::upsert_findings!(&mut tx, &batch.findings)?;
             super::notify::insert_changes!(&mut tx, &batch.changes, now)?;

@@ -169,17 +169,11 @@ impl Store {
         Ok((has("status"), has("revoked_at")))
     }
 
-    /// Loads every organization and key.
-    pub async fn load_keys(&self) -> Result<KeySnapshot, StoreError> {
-        let orgs: Vec<OrgRow> = with_pool!(self, p => sqlx::query_as(
-            "SELECT CAST(id AS TEXT), name, slug, subscription_tier, custom_max_requests_monthly \
-             FROM organizations",
-        )
-        .fetch_all(p)
-        .await)
-        .context("loading organizations")?;
+    /// The SELECT list of a key row, with `'active'` and NULL standing in for the optional
+    /// columns a database lacks.
+    async fn key_select(&self) -> Result<String, StoreError> {
         let (has_status, has_revoked) = self.api_key_columns().await?;
-        let sql = format!(
+        Ok(format!(
             "SELECT CAST(id AS TEXT), CAST(org_id AS TEXT), name, key_prefix, rate_limit_rpm, \
              CAST(expires_at AS TEXT), CAST(created_at AS TEXT), mcp_access_mode, \
              CAST(allowed_mcp_ids AS TEXT), {}, {}, CAST(scopes AS TEXT) FROM api_keys",
@@ -189,7 +183,19 @@ impl Store {
             } else {
                 "CAST(NULL AS TEXT)"
             },
-        );
+        ))
+    }
+
+    /// Loads every organization and key.
+    pub async fn load_keys(&self) -> Result<KeySnapshot, StoreError> {
+        let orgs: Vec<OrgRow> = with_pool!(self, p => sqlx::query_as(
+            "SELECT CAST(id AS TEXT), name, slug, subscription_tier, custom_max_requests_monthly \
+             FROM organizations",
+        )
+        .fetch_all(p)
+        .await)
+        .context("loading organizations")?;
+        let sql = self.key_select().await?;
         let keys: Vec<KeyRow> =
             with_pool!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
             .fetch_all(p)
@@ -205,39 +211,42 @@ impl Store {
                 custom_max_requests_monthly: custom,
             });
         }
-        for (
-            id,
-            org_id,
-            name,
-            prefix,
-            rpm,
-            expires,
-            created,
-            mode,
-            allowed,
-            status,
-            revoked,
-            scopes,
-        ) in keys
-        {
-            snapshot.keys.push(KeyInfo {
-                id: parse_id("api_keys.id", &id)?,
-                org_id: parse_id("api_keys.org_id", &org_id)?,
-                name,
-                prefix,
-                rate_limit_rpm: rpm.max(1) as u32,
-                expires_at: parse_time_opt(expires.as_deref()),
-                created_at: parse_time_opt(created.as_deref()),
-                status,
-                revoked_at: parse_time_opt(revoked.as_deref()),
-                mcp_access_mode: mode,
-                allowed_mcp_ids: parse_uuid_list(allowed.as_deref()),
-                scopes: scopes
-                    .and_then(|s| serde_json::from_str(&s).ok())
-                    .unwrap_or_default(),
-            });
+        for row in keys {
+            snapshot.keys.push(key_from_row(row)?);
         }
         Ok(snapshot)
+    }
+
+    /// The key whose `key_hash` is `hash` (SHA-256 hex of the full key), read now rather than
+    /// from the cache, so that a revocation takes effect at the next request.
+    pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyInfo>, StoreError> {
+        let sql = format!("{} WHERE key_hash = $1", self.key_select().await?);
+        let row: Option<KeyRow> =
+            with_pool!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(hash)
+            .fetch_optional(p)
+            .await)
+            .context("looking up an api key")?;
+        row.map(key_from_row).transpose()
+    }
+
+    /// The names of the MCP instances among `ids`: what a key limited to those instances may
+    /// see in the request log's `mcp_server_name`.
+    pub async fn mcp_names(&self, ids: &[Uuid]) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String, String)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT CAST(id AS TEXT), name FROM mcp_instances",
+        )
+        .fetch_all(p)
+        .await)
+        .context("reading mcp instances")?;
+        let mut names: Vec<String> = rows
+            .into_iter()
+            .filter(|(id, _)| Uuid::try_parse(id).is_ok_and(|u| ids.contains(&u)))
+            .map(|(_, name)| name)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     /// Loads every organization and key into a fresh key cache, stamped with the wall clock.
@@ -296,6 +305,27 @@ impl Store {
         .map(|_| ()))
         .context("creating an api key")
     }
+}
+
+fn key_from_row(row: KeyRow) -> Result<KeyInfo, StoreError> {
+    let (id, org_id, name, prefix, rpm, expires, created, mode, allowed, status, revoked, scopes) =
+        row;
+    Ok(KeyInfo {
+        id: parse_id("api_keys.id", &id)?,
+        org_id: parse_id("api_keys.org_id", &org_id)?,
+        name,
+        prefix,
+        rate_limit_rpm: rpm.max(1) as u32,
+        expires_at: parse_time_opt(expires.as_deref()),
+        created_at: parse_time_opt(created.as_deref()),
+        status,
+        revoked_at: parse_time_opt(revoked.as_deref()),
+        mcp_access_mode: mode,
+        allowed_mcp_ids: parse_uuid_list(allowed.as_deref()),
+        scopes: scopes
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default(),
+    })
 }
 
 fn parse_id(column: &str, s: &str) -> Result<Uuid, StoreError> {

@@ -13,11 +13,11 @@ pub(crate) mod keys;
 mod notify;
 mod report;
 
-pub use alerts::{BenignPlace, StoredAlert};
+pub use alerts::{AlertAction, AlertFilter, BenignPlace, StoredAlert};
 pub use ingest::{Batch, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
 pub use notify::{OutboxDepth, QueuedNotification, StoredSilence};
-pub use report::{SegmentQuery, UsageAggregate};
+pub use report::{ActivityRow, SegmentQuery, UsageAggregate};
 
 use std::str::FromStr;
 use std::time::Duration;

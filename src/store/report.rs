@@ -21,6 +21,8 @@ pub struct SegmentQuery {
     /// Key id (hyphenated), or '' for refused keys that match no key.
     pub key: Option<String>,
     pub mcp: Option<String>,
+    /// Only these MCPs (what a key limited to some MCPs may see); none at all when empty.
+    pub mcps: Option<Vec<String>>,
     pub by_key: bool,
     pub by_org: bool,
     pub by_mcp: bool,
@@ -71,6 +73,19 @@ macro_rules! push_filters {
         }
         if let Some(mcp) = &$q.mcp {
             $qb.push(" AND mcp = ").push_bind(mcp.clone());
+        }
+        match &$q.mcps {
+            Some(mcps) if mcps.is_empty() => {
+                $qb.push(" AND 1 = 0");
+            }
+            Some(mcps) => {
+                let mut sep = $qb.push(" AND mcp IN (").separated(", ");
+                for m in mcps {
+                    sep.push_bind(m.clone());
+                }
+                $qb.push(")");
+            }
+            None => {}
         }
     }};
 }
@@ -179,6 +194,21 @@ impl Store {
 }
 
 impl Store {
+    /// The newest hour in which each key was used (key id and the hour's start).
+    pub async fn keys_last_used(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        let rows: Vec<(String, Option<String>)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT key_id, CAST(MAX(bucket_start) AS TEXT) FROM kw_usage_hour \
+             WHERE key_id <> '' GROUP BY key_id",
+        )
+        .fetch_all(p)
+        .await)
+        .context("reading when keys were last used")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, t)| Some((k, crate::event::parse_timestamp(&t?).ok()?)))
+            .collect())
+    }
+
     /// The start of the newest minute holding any count: how far ingestion has got in event
     /// time (what a restarted detector resumes from).
     pub async fn latest_minute(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -189,5 +219,50 @@ impl Store {
         .await)
         .context("reading the newest usage minute")?;
         Ok(v.and_then(|s| crate::event::parse_timestamp(&s).ok()))
+    }
+}
+
+/// One facet value of a key's activity over a window.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ActivityRow {
+    pub facet: String,
+    pub value: String,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub requests: u64,
+}
+
+impl Store {
+    /// A key's activity on the days overlapping `[from, until)`, busiest first.
+    pub async fn key_activity(
+        &self,
+        key_id: uuid::Uuid,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<ActivityRow>, StoreError> {
+        let rows: Vec<(String, String, String, String, i64)> =
+            with_pool!(self, p => sqlx::query_as(
+            "SELECT facet, value, CAST(MIN(first_seen) AS TEXT), CAST(MAX(last_seen) AS TEXT), \
+             CAST(SUM(requests) AS BIGINT) FROM kw_key_activity \
+             WHERE key_id = $1 AND day >= $2 AND day < $3 \
+             GROUP BY facet, value ORDER BY facet, 5 DESC, value",
+        )
+        .bind(key_id.hyphenated().to_string())
+        .bind(DbTime(Granularity::Day.truncate(from)))
+        .bind(DbTime(until))
+        .fetch_all(p)
+        .await)
+            .context("reading key activity")?;
+        let t = |s: &str| crate::event::parse_timestamp(s).unwrap_or_default();
+        Ok(rows
+            .into_iter()
+            .map(|(facet, value, first, last, n)| ActivityRow {
+                facet,
+                value,
+                first_seen: t(&first),
+                last_seen: t(&last),
+                requests: n.max(0) as u64,
+            })
+            .collect())
     }
 }
