@@ -23,6 +23,8 @@ use crate::store::Store;
 pub struct ApiState {
     pub metrics: Metrics,
     pub store: Store,
+    /// Routes of the HTTP source (`POST /v1/ingest`), when `--source http` is on.
+    pub ingest: Option<Router<Arc<ApiState>>>,
 }
 
 /// The router, for tests that want to drive it without a socket.
@@ -31,6 +33,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(state.ingest.clone().unwrap_or_default())
         .with_state(Arc::new(state))
 }
 

@@ -17,6 +17,7 @@ use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::pipeline::{Detection, IngestStats, Pipeline, PipelineOptions, Progress, SharedKeys};
 use crate::source::file::{FileOptions, run_file};
+use crate::source::http::{HttpIngest, HttpSettings, run_http};
 use crate::source::stdin::run_stdin;
 use crate::source::{Chunk, SourceError};
 use crate::store::{Store, StoreError};
@@ -30,21 +31,36 @@ const CHANNEL_CHUNKS: usize = 8;
 pub enum SourceSpec {
     File(PathBuf),
     Stdin,
+    /// `POST /v1/ingest` on the `--listen` address.
+    Http,
+    /// Partitions of a NATS JetStream stream.
+    Nats(crate::source::nats::NatsSpec),
 }
 
 impl SourceSpec {
-    /// Parses `file:PATH` or `stdin` (and `-` for stdin).
+    /// Parses `file:PATH`, `stdin` (and `-` for stdin) or `http`.
     pub fn parse(s: &str) -> Result<SourceSpec, String> {
         match s {
             "stdin" | "-" => Ok(SourceSpec::Stdin),
+            "http" | "http:" => Ok(SourceSpec::Http),
+            _ if s.starts_with("nats://") => crate::source::nats::NatsSpec::parse(s)
+                .map(SourceSpec::Nats)
+                .map_err(|e| e.to_string()),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(SourceSpec::File(PathBuf::from(p))),
                 _ => Err(format!(
-                    "--source {s:?} is not a source keywatch knows; use file:PATH or stdin"
+                    "--source {s:?} is not a source keywatch knows; use http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
                 )),
             },
         }
     }
+}
+
+/// What sources beyond files and stdin need from the daemon that starts them.
+#[derive(Default)]
+pub struct SourceContext {
+    /// The HTTP source's endpoint state, served by the daemon's HTTP server.
+    pub http: Option<Arc<HttpIngest>>,
 }
 
 /// Loads the key cache and reports its size.
@@ -68,6 +84,35 @@ pub async fn run_sources(
     shutdown: CancellationToken,
     progress: Option<Progress>,
     detection: Option<Detection>,
+) -> Result<(IngestStats, Option<SourceError>), StoreError> {
+    run_sources_in(
+        store,
+        keys,
+        metrics,
+        specs,
+        file_opts,
+        opts,
+        shutdown,
+        progress,
+        detection,
+        &SourceContext::default(),
+    )
+    .await
+}
+
+/// [`run_sources`] with what the HTTP, NATS and PostgreSQL sources need.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_sources_in(
+    store: &Store,
+    keys: Arc<SharedKeys>,
+    metrics: &Metrics,
+    specs: &[SourceSpec],
+    file_opts: FileOptions,
+    opts: PipelineOptions,
+    shutdown: CancellationToken,
+    progress: Option<Progress>,
+    detection: Option<Detection>,
+    ctx: &SourceContext,
 ) -> Result<(IngestStats, Option<SourceError>), StoreError> {
     let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
     let checkpoints = Arc::new(store.clone());
@@ -96,6 +141,21 @@ pub async fn run_sources(
             SourceSpec::Stdin => {
                 let chunk = file_opts.chunk_bytes;
                 tasks.spawn(async move { run_stdin(tx, token, chunk).await.map(|_| ()) });
+            }
+            SourceSpec::Http => match ctx.http.clone() {
+                Some(h) => {
+                    tasks.spawn(async move {
+                        run_http(h, tx, token).await;
+                        Ok(())
+                    });
+                }
+                None => {
+                    tasks.spawn(async { Err(SourceError::Unavailable("http".into())) });
+                }
+            },
+            SourceSpec::Nats(spec) => {
+                let cps = Arc::clone(&checkpoints);
+                tasks.spawn(crate::source::nats::run_nats(spec, cps, tx, token));
             }
         }
     }
@@ -150,6 +210,8 @@ pub struct DaemonSettings {
     pub metrics: crate::metrics::Limits,
     /// Alert delivery: settings and receivers (from `alerts.toml` and the environment).
     pub notify: Option<Notify>,
+    /// The HTTP source's settings, when `sources` has `http`.
+    pub http: Option<HttpSettings>,
 }
 
 /// Alert delivery, ready to start.
@@ -203,11 +265,21 @@ pub async fn run_daemon(
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
     tracing::info!(listen = %settings.listen, database = store.url(), "Serving /metrics and /healthz.");
+    let mut ctx = SourceContext::default();
+    if settings.sources.contains(&SourceSpec::Http) {
+        let http = settings
+            .http
+            .clone()
+            .context("--source http needs --ingest-token-sha256")?;
+        ctx.http = Some(HttpIngest::new(http));
+        tracing::info!(listen = %settings.listen, "Taking pushed lines on POST /v1/ingest.");
+    }
     let http = tokio::spawn(api::serve(
         listener,
         ApiState {
             metrics: metrics.clone(),
             store: store.clone(),
+            ingest: ctx.http.clone().map(crate::source::http::router),
         },
         shutdown.child_token(),
     ));
@@ -246,7 +318,7 @@ pub async fn run_daemon(
             .unwrap_or(chrono::Duration::minutes(5)),
         ..PipelineOptions::default()
     };
-    let (stats, source_err) = run_sources(
+    let (stats, source_err) = run_sources_in(
         &store,
         keys,
         &metrics,
@@ -256,6 +328,7 @@ pub async fn run_daemon(
         shutdown.clone(),
         None,
         Some(detection),
+        &ctx,
     )
     .await?;
     delivery_stop.cancel();
@@ -458,7 +531,7 @@ mod tests {
         );
         assert_eq!(
             SourceSpec::parse("kafka:x").unwrap_err(),
-            "--source \"kafka:x\" is not a source keywatch knows; use file:PATH or stdin"
+            "--source \"kafka:x\" is not a source keywatch knows; use http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
         );
     }
 }

@@ -74,6 +74,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// Generate a realistic request log (and create its organizations and keys).
     Simulate(SimulateArgs),
+    /// Publish request-log files to a NATS JetStream stream, each line on the subject of its
+    /// key's partition (FNV-1a 32-bit of `api_key_id`, else of `key_prefix`, modulo the
+    /// partition count), for backfills, tests and auth servers that write files.
+    Publish(PublishArgs),
     /// Check an alerting configuration file without starting: prints nothing and exits 0
     /// when it is valid, else names the line, column and setting that is wrong.
     CheckConfig {
@@ -129,8 +133,8 @@ pub enum SilenceCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// A source of request-log lines: file:PATH (followed like `tail -F`) or stdin.
-    /// Repeat for several.
+    /// A source of request-log lines: file:PATH (followed like `tail -F`), stdin, or http
+    /// (`POST /v1/ingest` on --listen, NDJSON, optionally gzip). Repeat for several.
     #[arg(
         long = "source",
         env = "KEYWATCH_SOURCE",
@@ -216,6 +220,61 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub metrics_idle_expiry: std::time::Duration,
+
+    #[command(flatten)]
+    pub sources_opts: SourceArgs,
+}
+
+/// Settings of the HTTP, NATS and PostgreSQL sources.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// SHA-256 (hex) of the token that `POST /v1/ingest` requires as `Authorization: Bearer
+    /// TOKEN`; only the hash is configured, so the token itself is in no file or process list.
+    #[arg(long, env = "KEYWATCH_INGEST_TOKEN_SHA256", value_name = "HEX")]
+    pub ingest_token_sha256: Option<String>,
+
+    /// The largest `POST /v1/ingest` body, in bytes, after gzip decoding; larger ones get 413.
+    #[arg(
+        long,
+        env = "KEYWATCH_INGEST_MAX_BODY",
+        default_value_t = 8 * 1024 * 1024,
+        value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024),
+        value_name = "BYTES"
+    )]
+    pub ingest_max_body: u64,
+
+    /// Ingest requests read or waiting for their commit at once; more get 503 with
+    /// Retry-After. Memory held by pushes stays under this times --ingest-max-body.
+    #[arg(
+        long,
+        env = "KEYWATCH_INGEST_MAX_IN_FLIGHT",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..=4096),
+        value_name = "N"
+    )]
+    pub ingest_max_in_flight: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The server and stream, as `--source` spells it: nats://HOST:PORT?stream=S (and
+    /// subject=PREFIX for subjects other than plexmcp.requests.<partition>). The stream is
+    /// created if missing.
+    #[arg(long, value_name = "URL")]
+    pub nats: String,
+
+    /// How many partitions the stream has (the consumers' `of=`).
+    #[arg(
+        long,
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..=4096),
+        value_name = "N"
+    )]
+    pub partitions: u32,
+
+    /// Request-log files (`-` for stdin), one message per line.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -49,7 +49,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let notify = notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
             let store = Store::open(&g.database_url).await?;
+            let http = http_settings(&args.sources_opts, &sources)?;
             let settings = DaemonSettings {
+                http,
                 notify: Some(notify),
                 geo,
                 sources,
@@ -138,6 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo(&args).await,
         Command::Simulate(args) => simulate(&g.database_url, &args).await,
+        Command::Publish(args) => publish(&args).await,
         Command::CheckConfig { file } => {
             crate::config::AlertsConfig::load(&file, true)?;
             eprintln!("{} is valid.", file.display());
@@ -322,6 +325,59 @@ async fn silence(store: &Store, cmd: SilenceCommand) -> anyhow::Result<()> {
 
 /// Reads the alerting configuration. The default file may be absent (the built-in defaults
 /// apply); a file named with --alerts or KEYWATCH_ALERTS must exist.
+/// `keywatch publish`: every file's lines to their partitions' subjects.
+async fn publish(args: &crate::cli::PublishArgs) -> anyhow::Result<()> {
+    use crate::source::nats::{NatsSpec, publish};
+    let spec = NatsSpec::parse(&args.nats).map_err(|e| anyhow!(e))?;
+    let started = Instant::now();
+    let mut total = 0;
+    for f in &args.files {
+        let published = if f == Path::new("-") {
+            publish(
+                &spec,
+                args.partitions,
+                tokio::io::BufReader::new(tokio::io::stdin()),
+            )
+            .await
+        } else {
+            let file = tokio::fs::File::open(f)
+                .await
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            publish(&spec, args.partitions, tokio::io::BufReader::new(file)).await
+        }
+        .with_context(|| format!("publishing {}", f.display()))?;
+        total += published.lines;
+    }
+    eprintln!(
+        "Published {} lines to stream {} ({} partitions) in {:.2} s.",
+        group_digits(total),
+        spec.stream,
+        args.partitions,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The HTTP source's settings, when `sources` has it (which then needs a token).
+fn http_settings(
+    args: &crate::cli::SourceArgs,
+    sources: &[SourceSpec],
+) -> anyhow::Result<Option<crate::source::http::HttpSettings>> {
+    use crate::source::http::{HttpConfigError, HttpSettings, parse_token_sha256};
+    if !sources.contains(&SourceSpec::Http) {
+        return Ok(None);
+    }
+    let hash = args
+        .ingest_token_sha256
+        .as_deref()
+        .ok_or(HttpConfigError::NoToken)?;
+    Ok(Some(HttpSettings {
+        token_sha256: parse_token_sha256(hash)?,
+        max_body_bytes: usize::try_from(args.ingest_max_body).unwrap_or(usize::MAX),
+        max_in_flight: args.ingest_max_in_flight as usize,
+    }))
+}
+
 fn load_alerts(file: &AlertsFile) -> anyhow::Result<crate::config::AlertsConfig> {
     let required = file.path != Path::new("alerts.toml");
     Ok(crate::config::AlertsConfig::load(&file.path, required)?)
@@ -1368,6 +1424,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         crate::api::ApiState {
             metrics,
             store: store.clone(),
+            ingest: None,
         },
         shutdown,
     )

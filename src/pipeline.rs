@@ -22,7 +22,7 @@ use crate::geo::{GeoHandle, Location};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
 use crate::notify::{AlertChange, ChangeTracker};
-use crate::source::{Checkpoint, Chunk};
+use crate::source::{Checkpoint, Chunk, ChunkOutcome, CommitAck, RejectedLine};
 use crate::store::{Batch, DeadLetter, Store, StoreError};
 
 /// How much of a refused line the dead-letter table keeps.
@@ -190,6 +190,8 @@ pub struct Pipeline {
     changes: Option<ChangeTracker>,
     /// When the detectors' state was last saved.
     state_saved: Instant,
+    /// Sources waiting to hear that their chunks of the current batch committed.
+    acks: Vec<(CommitAck, ChunkOutcome)>,
 }
 
 /// Queues the notification-worthy change `f` makes, when notifications are on.
@@ -226,6 +228,7 @@ impl Pipeline {
             detection: None,
             changes: None,
             state_saved: Instant::now(),
+            acks: Vec::new(),
         }
     }
 
@@ -267,6 +270,8 @@ impl Pipeline {
         let mut accepted = 0u64;
         let mut asked_refresh = false;
         let mut metrics_tally = crate::metrics::ChunkTally::default();
+        // This chunk's refusals are the dead letters it appends, for a source that asks.
+        let dead_letters_before = self.batch.dead_letters.len();
         for line in chunk.data.split_inclusive(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\n").unwrap_or(line);
             let this_line = line_no;
@@ -393,6 +398,21 @@ impl Pipeline {
             self.checkpoints
                 .insert(Arc::clone(&chunk.source), cp.clone());
         }
+        if let Some(ack) = &chunk.ack {
+            let rejected = self.batch.dead_letters[dead_letters_before..]
+                .iter()
+                .map(|d| RejectedLine {
+                    line_no: d.line_no,
+                    reason: d.reason,
+                    detail: d.detail.clone(),
+                })
+                .collect();
+            self.acks
+                .push((ack.clone(), ChunkOutcome { accepted, rejected }));
+            // Someone waits on this chunk, so it counts as pending even if it held only blank
+            // lines: the next flush answers it.
+            self.pending_lines = self.pending_lines.max(1);
+        }
         if let Some(f) = &self.on_progress {
             f(
                 chunk.data.len() as u64,
@@ -454,7 +474,9 @@ impl Pipeline {
             .map(|(s, cp)| (s.to_string(), cp))
             .collect();
         if self.batch.is_empty() {
+            self.pending_lines = 0;
             self.last_flush = Instant::now();
+            self.send_acks();
             return Ok(());
         }
         if self.opts.dry_run {
@@ -462,6 +484,7 @@ impl Pipeline {
             self.stats.dry_run_findings.extend(batch.findings);
             self.pending_lines = 0;
             self.last_flush = Instant::now();
+            self.send_acks();
             return Ok(());
         }
         let started = Instant::now();
@@ -475,6 +498,7 @@ impl Pipeline {
                 self.pending_lines = 0;
                 self.stats.commits += 1;
                 self.last_flush = Instant::now();
+                self.send_acks();
                 Ok(())
             }
             Err(e) => {
@@ -484,6 +508,13 @@ impl Pipeline {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Tells every source waiting on a chunk of the batch just committed.
+    fn send_acks(&mut self) {
+        for (ack, outcome) in self.acks.drain(..) {
+            ack.send(outcome);
         }
     }
 

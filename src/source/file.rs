@@ -368,6 +368,7 @@ impl<C: CheckpointReader> Tailer<C> {
                 offset: track.splitter.offset(),
                 line_no,
             }),
+            ack: None,
         };
         self.tx
             .send(chunk)
