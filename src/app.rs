@@ -35,6 +35,8 @@ pub enum SourceSpec {
     Http,
     /// Partitions of a NATS JetStream stream.
     Nats(crate::source::nats::NatsSpec),
+    /// The auth server's tables, in the database at this URL (`None`: `--database-url`).
+    Postgres(Option<String>),
 }
 
 impl SourceSpec {
@@ -43,13 +45,20 @@ impl SourceSpec {
         match s {
             "stdin" | "-" => Ok(SourceSpec::Stdin),
             "http" | "http:" => Ok(SourceSpec::Http),
+            "postgres" | "postgres:" => Ok(SourceSpec::Postgres(None)),
+            _ if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+                Ok(SourceSpec::Postgres(Some(s.to_owned())))
+            }
+            _ if s.starts_with("postgres:") => Ok(SourceSpec::Postgres(Some(
+                s["postgres:".len()..].to_owned(),
+            ))),
             _ if s.starts_with("nats://") => crate::source::nats::NatsSpec::parse(s)
                 .map(SourceSpec::Nats)
                 .map_err(|e| e.to_string()),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(SourceSpec::File(PathBuf::from(p))),
                 _ => Err(format!(
-                    "--source {s:?} is not a source keywatch knows; use http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
+                    "--source {s:?} is not a source keywatch knows; use postgres[:URL], http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
                 )),
             },
         }
@@ -61,6 +70,8 @@ impl SourceSpec {
 pub struct SourceContext {
     /// The HTTP source's endpoint state, served by the daemon's HTTP server.
     pub http: Option<Arc<HttpIngest>>,
+    /// The postgres source's settings, its URL resolved.
+    pub postgres: Option<crate::source::postgres::PostgresOptions>,
 }
 
 /// Loads the key cache and reports its size.
@@ -153,6 +164,19 @@ pub async fn run_sources_in(
                     tasks.spawn(async { Err(SourceError::Unavailable("http".into())) });
                 }
             },
+            SourceSpec::Postgres(_) => match ctx.postgres.clone() {
+                Some(o) => {
+                    tasks.spawn(crate::source::postgres::run_postgres(
+                        o,
+                        store.clone(),
+                        tx,
+                        token,
+                    ));
+                }
+                None => {
+                    tasks.spawn(async { Err(SourceError::Unavailable("postgres".into())) });
+                }
+            },
             SourceSpec::Nats(spec) => {
                 let cps = Arc::clone(&checkpoints);
                 tasks.spawn(crate::source::nats::run_nats(spec, cps, tx, token));
@@ -212,6 +236,8 @@ pub struct DaemonSettings {
     pub notify: Option<Notify>,
     /// The HTTP source's settings, when `sources` has `http`.
     pub http: Option<HttpSettings>,
+    /// The postgres source's settings, when `sources` has `postgres`.
+    pub postgres: Option<crate::source::postgres::PostgresOptions>,
 }
 
 /// Alert delivery, ready to start.
@@ -265,7 +291,10 @@ pub async fn run_daemon(
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
     tracing::info!(listen = %settings.listen, database = store.url(), "Serving /metrics and /healthz.");
-    let mut ctx = SourceContext::default();
+    let mut ctx = SourceContext {
+        postgres: settings.postgres.clone(),
+        ..SourceContext::default()
+    };
     if settings.sources.contains(&SourceSpec::Http) {
         let http = settings
             .http
@@ -531,7 +560,7 @@ mod tests {
         );
         assert_eq!(
             SourceSpec::parse("kafka:x").unwrap_err(),
-            "--source \"kafka:x\" is not a source keywatch knows; use http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
+            "--source \"kafka:x\" is not a source keywatch knows; use postgres[:URL], http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
         );
     }
 }

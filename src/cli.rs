@@ -133,8 +133,11 @@ pub enum SilenceCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// A source of request-log lines: file:PATH (followed like `tail -F`), stdin, or http
-    /// (`POST /v1/ingest` on --listen, NDJSON, optionally gzip). Repeat for several.
+    /// A source of request-log lines: file:PATH (followed like `tail -F`), stdin, http
+    /// (`POST /v1/ingest` on --listen, NDJSON, optionally gzip), postgres (the auth server's
+    /// mcp_request_log and auth_audit_log in --database-url; postgres:URL for another
+    /// database), or nats://HOST:PORT?stream=S&partitions=A-B&of=N (JetStream). Repeat for
+    /// several.
     #[arg(
         long = "source",
         env = "KEYWATCH_SOURCE",
@@ -160,11 +163,12 @@ pub struct RunArgs {
     #[arg(long, env = "KEYWATCH_START_AT_END")]
     pub start_at_end: bool,
 
-    /// How often to reload keys and organizations from the database.
+    /// How often to reload keys and organizations from the database. Short, so a key revoked
+    /// or changed in the auth server's tables is treated as such within seconds.
     #[arg(
         long,
         env = "KEYWATCH_KEY_REFRESH",
-        default_value = "30s",
+        default_value = "2s",
         value_parser = parse_duration,
         value_name = "DURATION"
     )]
@@ -253,6 +257,32 @@ pub struct SourceArgs {
         value_name = "N"
     )]
     pub ingest_max_in_flight: u32,
+
+    /// With --source postgres, on a first start (no cursor yet): read the auth server's tables
+    /// from this time (RFC 3339) instead of from their oldest row.
+    #[arg(long, env = "KEYWATCH_POSTGRES_SINCE", value_name = "TIME")]
+    pub postgres_since: Option<String>,
+
+    /// With --source postgres: how far before the cursor a row committed late is still
+    /// counted (once). Above the auth server's longest transaction.
+    #[arg(
+        long,
+        env = "KEYWATCH_POSTGRES_LOOKBACK",
+        default_value = "30s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub postgres_lookback: std::time::Duration,
+
+    /// With --source postgres: how often the tables are polled once caught up.
+    #[arg(
+        long,
+        env = "KEYWATCH_POSTGRES_POLL",
+        default_value = "1s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub postgres_poll: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -50,8 +50,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let notify = notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
             let store = Store::open(&g.database_url).await?;
             let http = http_settings(&args.sources_opts, &sources)?;
+            let postgres = postgres_options(&args.sources_opts, &sources, &g.database_url)?;
             let settings = DaemonSettings {
                 http,
+                postgres,
                 notify: Some(notify),
                 geo,
                 sources,
@@ -356,6 +358,37 @@ async fn publish(args: &crate::cli::PublishArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The postgres source's settings, when `sources` has it, its URL resolved.
+fn postgres_options(
+    args: &crate::cli::SourceArgs,
+    sources: &[SourceSpec],
+    database_url: &str,
+) -> anyhow::Result<Option<crate::source::postgres::PostgresOptions>> {
+    let Some(url) = sources.iter().find_map(|s| match s {
+        SourceSpec::Postgres(url) => Some(url.as_deref().unwrap_or(database_url)),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        bail!(
+            "--source postgres reads the auth server's tables from PostgreSQL, but {} is not a postgres:// URL; use --source postgres:postgres://USER@HOST/DB",
+            crate::store::redact_url(url)
+        );
+    }
+    let since = args
+        .postgres_since
+        .as_deref()
+        .map(|s| parse_time("--postgres-since", s))
+        .transpose()?;
+    Ok(Some(crate::source::postgres::PostgresOptions {
+        url: url.to_owned(),
+        since,
+        lookback: args.postgres_lookback,
+        poll: args.postgres_poll,
+    }))
 }
 
 /// The HTTP source's settings, when `sources` has it (which then needs a token).

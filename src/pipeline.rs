@@ -395,8 +395,15 @@ impl Pipeline {
         self.metrics.detector_subjects(rate.map(|r| r.subjects()));
         self.pending_lines += line_no - chunk.first_line_no;
         if let Some(cp) = &chunk.checkpoint {
-            self.checkpoints
-                .insert(Arc::clone(&chunk.source), cp.clone());
+            let mut cp = cp.clone();
+            // The newest position wins, but every chunk's counted rows must be remembered.
+            if let Some(mut older) = self.checkpoints.remove(&chunk.source)
+                && !older.seen.is_empty()
+            {
+                older.seen.append(&mut cp.seen);
+                cp.seen = older.seen;
+            }
+            self.checkpoints.insert(Arc::clone(&chunk.source), cp);
         }
         if let Some(ack) = &chunk.ack {
             let rejected = self.batch.dead_letters[dead_letters_before..]

@@ -13,6 +13,7 @@ pub mod file;
 pub mod http;
 pub mod lines;
 pub mod nats;
+pub mod postgres;
 pub mod stdin;
 
 use std::future::Future;
@@ -32,6 +33,16 @@ pub struct Checkpoint {
     pub offset: u64,
     /// Number of lines counted so far (the line number of the last one).
     pub line_no: u64,
+    /// Rows of a keyset source (the postgres source) that this chunk counts, remembered
+    /// with the checkpoint so that a row committed late is counted once. Empty elsewhere.
+    pub seen: Vec<SeenRow>,
+}
+
+/// A row a keyset source counted: its id, and its time (to forget it past the look-back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenRow {
+    pub id: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// A run of whole lines from one source.

@@ -390,6 +390,7 @@ async fn consume(
                 path: subject.clone(),
                 offset: pos.sent,
                 line_no: pos.lines,
+                seen: Vec::new(),
             }),
             ack: Some(ack),
         };
