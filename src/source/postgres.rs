@@ -40,21 +40,25 @@ pub struct PostgresOptions {
     pub poll: Duration,
 }
 
-/// The cursor as the checkpoint's `path` holds it: `created_at|id`.
-fn cursor_text(c: (DateTime<Utc>, Uuid)) -> String {
-    format!(
-        "{}|{}",
-        c.0.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        c.1
-    )
+/// A keyset position: (`created_at`, id).
+type Cursor = (DateTime<Utc>, Uuid);
+
+fn time_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn parse_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let (t, id) = s.split_once('|')?;
-    Some((
-        crate::event::parse_timestamp(t).ok()?,
-        Uuid::parse_str(id).ok()?,
-    ))
+/// The cursor as the checkpoint's `path` holds it: `created_at|id|floor`, where `floor` is
+/// where the first start began (nothing before it is ever read, late or not).
+fn cursor_text(c: Cursor, floor: DateTime<Utc>) -> String {
+    format!("{}|{}|{}", time_text(c.0), c.1, time_text(floor))
+}
+
+fn parse_cursor(s: &str) -> Option<(Cursor, DateTime<Utc>)> {
+    let mut parts = s.split('|');
+    let t = crate::event::parse_timestamp(parts.next()?).ok()?;
+    let id = Uuid::parse_str(parts.next()?).ok()?;
+    let floor = crate::event::parse_timestamp(parts.next()?).ok()?;
+    Some(((t, id), floor))
 }
 
 /// Reads both tables into `tx` until `shutdown`. A database that is down is retried and
@@ -95,7 +99,9 @@ pub async fn run_postgres(
 struct TableState {
     table: AuthTable,
     source: Arc<str>,
-    cursor: (DateTime<Utc>, Uuid),
+    cursor: Cursor,
+    /// Where the first start began: the look-back never reaches before it.
+    floor: DateTime<Utc>,
     seen: HashMap<Uuid, DateTime<Utc>>,
     lines: u64,
     lookback: chrono::Duration,
@@ -103,7 +109,7 @@ struct TableState {
 
 impl TableState {
     fn window_start(&self) -> DateTime<Utc> {
-        self.cursor.0 - self.lookback
+        (self.cursor.0 - self.lookback).max(self.floor)
     }
 
     /// Hands `rows` to the pipeline with the position after them.
@@ -132,7 +138,7 @@ impl TableState {
             first_line_no,
             checkpoint: Some(Checkpoint {
                 fingerprint: self.source.to_string(),
-                path: cursor_text(self.cursor),
+                path: cursor_text(self.cursor, self.floor),
                 offset: 0,
                 line_no: self.lines,
                 seen,
@@ -185,17 +191,16 @@ async fn run_table(
     let name = table.source_name();
     let start = store.checkpoint(name).await?;
     let lookback = chrono::Duration::from_std(opts.lookback).unwrap_or(chrono::Duration::zero());
-    let cursor = start
+    let first_start = opts.since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+    let (cursor, floor) = start
         .as_ref()
         .and_then(|c| parse_cursor(&c.path))
-        .unwrap_or((
-            opts.since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
-            Uuid::nil(),
-        ));
+        .unwrap_or(((first_start, Uuid::nil()), first_start));
     let mut state = TableState {
         table,
         source: Arc::from(name),
         cursor,
+        floor,
         seen: HashMap::new(),
         lines: start.as_ref().map_or(0, |c| c.line_no),
         lookback,
@@ -205,7 +210,7 @@ async fn run_table(
             state.seen.insert(id, r.created_at);
         }
     }
-    tracing::info!(source = name, cursor = %cursor_text(cursor), "Reading the auth server's log.");
+    tracing::info!(source = name, cursor = %cursor_text(cursor, floor), "Reading the auth server's log.");
     let mut log = None;
     let mut pruned = tokio::time::Instant::now();
     let mut delay = opts.poll;
@@ -252,7 +257,11 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         let id = Uuid::new_v4();
-        assert_eq!(parse_cursor(&cursor_text((t, id))), Some((t, id)));
+        let floor = DateTime::<Utc>::UNIX_EPOCH;
+        assert_eq!(
+            parse_cursor(&cursor_text((t, id), floor)),
+            Some(((t, id), floor))
+        );
         assert_eq!(parse_cursor("garbage"), None);
     }
 }
