@@ -558,6 +558,25 @@ mod tests {
             SourceSpec::parse("file:/var/log/a.log"),
             Ok(SourceSpec::File("/var/log/a.log".into()))
         );
+        assert_eq!(SourceSpec::parse("http"), Ok(SourceSpec::Http));
+        assert_eq!(
+            SourceSpec::parse("postgres"),
+            Ok(SourceSpec::Postgres(None))
+        );
+        let other = Some("postgres://kw@db/auth".to_owned());
+        assert_eq!(
+            SourceSpec::parse("postgres:postgres://kw@db/auth"),
+            Ok(SourceSpec::Postgres(other.clone()))
+        );
+        assert_eq!(
+            SourceSpec::parse("postgres://kw@db/auth"),
+            Ok(SourceSpec::Postgres(other))
+        );
+        match SourceSpec::parse("nats://127.0.0.1:4222?stream=PLEXMCP_REQUESTS&partitions=0-3&of=8")
+        {
+            Ok(SourceSpec::Nats(n)) => assert_eq!((n.partitions.len(), n.of), (4, 8)),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             SourceSpec::parse("kafka:x").unwrap_err(),
             "--source \"kafka:x\" is not a source keywatch knows; use postgres[:URL], http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
