@@ -46,6 +46,8 @@ pub struct ApiState {
     /// The daemon's key cache; without one each request loads the keys.
     pub keys: Option<Arc<SharedKeys>>,
     pub auth: Arc<Authenticator>,
+    /// Routes of the HTTP source (`POST /v1/ingest`), when `--source http` is on.
+    pub ingest: Option<Router<Arc<ApiState>>>,
 }
 
 impl ApiState {
@@ -56,7 +58,14 @@ impl ApiState {
             store,
             keys: None,
             auth: Arc::new(Authenticator::default()),
+            ingest: None,
         }
+    }
+
+    /// Serves `POST /v1/ingest` with these routes (the HTTP source).
+    pub fn with_ingest(mut self, ingest: Option<Router<Arc<ApiState>>>) -> ApiState {
+        self.ingest = ingest;
+        self
     }
 
     pub fn with_keys(mut self, keys: Arc<SharedKeys>) -> ApiState {
@@ -94,6 +103,9 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(time_limit))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // After the limits: the ingest source bounds its own bodies (--ingest-max-body) and
+        // answers only once its lines are committed.
+        .merge(state.ingest.clone().unwrap_or_default())
         .with_state(Arc::new(state))
 }
 

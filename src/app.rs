@@ -17,6 +17,7 @@ use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::pipeline::{Detection, IngestStats, Pipeline, PipelineOptions, Progress, SharedKeys};
 use crate::source::file::{FileOptions, run_file};
+use crate::source::http::{HttpIngest, HttpSettings, run_http};
 use crate::source::stdin::run_stdin;
 use crate::source::{Chunk, SourceError};
 use crate::store::{Store, StoreError};
@@ -30,21 +31,47 @@ const CHANNEL_CHUNKS: usize = 8;
 pub enum SourceSpec {
     File(PathBuf),
     Stdin,
+    /// `POST /v1/ingest` on the `--listen` address.
+    Http,
+    /// Partitions of a NATS JetStream stream.
+    Nats(crate::source::nats::NatsSpec),
+    /// The auth server's tables, in the database at this URL (`None`: `--database-url`).
+    Postgres(Option<String>),
 }
 
 impl SourceSpec {
-    /// Parses `file:PATH` or `stdin` (and `-` for stdin).
+    /// Parses `file:PATH`, `stdin` (and `-` for stdin) or `http`.
     pub fn parse(s: &str) -> Result<SourceSpec, String> {
         match s {
             "stdin" | "-" => Ok(SourceSpec::Stdin),
+            "http" | "http:" => Ok(SourceSpec::Http),
+            "postgres" | "postgres:" => Ok(SourceSpec::Postgres(None)),
+            _ if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+                Ok(SourceSpec::Postgres(Some(s.to_owned())))
+            }
+            _ if s.starts_with("postgres:") => Ok(SourceSpec::Postgres(Some(
+                s["postgres:".len()..].to_owned(),
+            ))),
+            _ if s.starts_with("nats://") => crate::source::nats::NatsSpec::parse(s)
+                .map(SourceSpec::Nats)
+                .map_err(|e| e.to_string()),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(SourceSpec::File(PathBuf::from(p))),
                 _ => Err(format!(
-                    "--source {s:?} is not a source keywatch knows; use file:PATH or stdin"
+                    "--source {s:?} is not a source keywatch knows; use postgres[:URL], http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
                 )),
             },
         }
     }
+}
+
+/// What sources beyond files and stdin need from the daemon that starts them.
+#[derive(Default)]
+pub struct SourceContext {
+    /// The HTTP source's endpoint state, served by the daemon's HTTP server.
+    pub http: Option<Arc<HttpIngest>>,
+    /// The postgres source's settings, its URL resolved.
+    pub postgres: Option<crate::source::postgres::PostgresOptions>,
 }
 
 /// Loads the key cache and reports its size.
@@ -68,6 +95,35 @@ pub async fn run_sources(
     shutdown: CancellationToken,
     progress: Option<Progress>,
     detection: Option<Detection>,
+) -> Result<(IngestStats, Option<SourceError>), StoreError> {
+    run_sources_in(
+        store,
+        keys,
+        metrics,
+        specs,
+        file_opts,
+        opts,
+        shutdown,
+        progress,
+        detection,
+        &SourceContext::default(),
+    )
+    .await
+}
+
+/// [`run_sources`] with what the HTTP, NATS and PostgreSQL sources need.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_sources_in(
+    store: &Store,
+    keys: Arc<SharedKeys>,
+    metrics: &Metrics,
+    specs: &[SourceSpec],
+    file_opts: FileOptions,
+    opts: PipelineOptions,
+    shutdown: CancellationToken,
+    progress: Option<Progress>,
+    detection: Option<Detection>,
+    ctx: &SourceContext,
 ) -> Result<(IngestStats, Option<SourceError>), StoreError> {
     let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
     let checkpoints = Arc::new(store.clone());
@@ -96,6 +152,34 @@ pub async fn run_sources(
             SourceSpec::Stdin => {
                 let chunk = file_opts.chunk_bytes;
                 tasks.spawn(async move { run_stdin(tx, token, chunk).await.map(|_| ()) });
+            }
+            SourceSpec::Http => match ctx.http.clone() {
+                Some(h) => {
+                    tasks.spawn(async move {
+                        run_http(h, tx, token).await;
+                        Ok(())
+                    });
+                }
+                None => {
+                    tasks.spawn(async { Err(SourceError::Unavailable("http".into())) });
+                }
+            },
+            SourceSpec::Postgres(_) => match ctx.postgres.clone() {
+                Some(o) => {
+                    tasks.spawn(crate::source::postgres::run_postgres(
+                        o,
+                        store.clone(),
+                        tx,
+                        token,
+                    ));
+                }
+                None => {
+                    tasks.spawn(async { Err(SourceError::Unavailable("postgres".into())) });
+                }
+            },
+            SourceSpec::Nats(spec) => {
+                let cps = Arc::clone(&checkpoints);
+                tasks.spawn(crate::source::nats::run_nats(spec, cps, tx, token));
             }
         }
     }
@@ -170,6 +254,10 @@ pub struct DaemonSettings {
     pub alerts_file: Option<(PathBuf, bool)>,
     /// How the HTTP API authenticates.
     pub api_auth: crate::api::auth::AuthSettings,
+    /// The HTTP source's settings, when `sources` has `http`.
+    pub http: Option<HttpSettings>,
+    /// The postgres source's settings, when `sources` has `postgres`.
+    pub postgres: Option<crate::source::postgres::PostgresOptions>,
 }
 
 /// Alert delivery for `alerts`: its settings and receivers, with the environment read and
@@ -239,12 +327,25 @@ pub async fn run_daemon(
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
     tracing::info!(listen = %settings.listen, database = store.url(), "Serving /metrics and /healthz.");
+    let mut ctx = SourceContext {
+        postgres: settings.postgres.clone(),
+        ..SourceContext::default()
+    };
+    if settings.sources.contains(&SourceSpec::Http) {
+        let http = settings
+            .http
+            .clone()
+            .context("--source http needs --ingest-token-sha256")?;
+        ctx.http = Some(HttpIngest::new(http));
+        tracing::info!(listen = %settings.listen, "Taking pushed lines on POST /v1/ingest.");
+    }
     let (refused_tx, refused_rx) = mpsc::channel::<Chunk>(api::auth::REFUSED_EVENTS_QUEUE);
     let http = tokio::spawn(api::serve(
         listener,
         ApiState::new(metrics.clone(), store.clone())
             .with_keys(Arc::clone(&keys))
-            .with_auth(settings.api_auth.clone(), Some(refused_tx)),
+            .with_auth(settings.api_auth.clone(), Some(refused_tx))
+            .with_ingest(ctx.http.clone().map(crate::source::http::router)),
         shutdown.child_token(),
     ));
     let refresher = tokio::spawn(Arc::clone(&keys).refresh_loop(
@@ -296,7 +397,7 @@ pub async fn run_daemon(
             .unwrap_or(chrono::Duration::minutes(5)),
         ..PipelineOptions::default()
     };
-    let (stats, source_err) = run_sources(
+    let (stats, source_err) = run_sources_in(
         &store,
         keys,
         &metrics,
@@ -306,6 +407,7 @@ pub async fn run_daemon(
         shutdown.clone(),
         None,
         Some(detection),
+        &ctx,
     )
     .await?;
     delivery_stop.cancel();
@@ -609,9 +711,28 @@ mod tests {
             SourceSpec::parse("file:/var/log/a.log"),
             Ok(SourceSpec::File("/var/log/a.log".into()))
         );
+        assert_eq!(SourceSpec::parse("http"), Ok(SourceSpec::Http));
+        assert_eq!(
+            SourceSpec::parse("postgres"),
+            Ok(SourceSpec::Postgres(None))
+        );
+        let other = Some("postgres://kw@db/auth".to_owned());
+        assert_eq!(
+            SourceSpec::parse("postgres:postgres://kw@db/auth"),
+            Ok(SourceSpec::Postgres(other.clone()))
+        );
+        assert_eq!(
+            SourceSpec::parse("postgres://kw@db/auth"),
+            Ok(SourceSpec::Postgres(other))
+        );
+        match SourceSpec::parse("nats://127.0.0.1:4222?stream=PLEXMCP_REQUESTS&partitions=0-3&of=8")
+        {
+            Ok(SourceSpec::Nats(n)) => assert_eq!((n.partitions.len(), n.of), (4, 8)),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             SourceSpec::parse("kafka:x").unwrap_err(),
-            "--source \"kafka:x\" is not a source keywatch knows; use file:PATH or stdin"
+            "--source \"kafka:x\" is not a source keywatch knows; use postgres[:URL], http, nats://HOST:PORT?stream=S&partitions=A-B&of=N, file:PATH or stdin"
         );
     }
 }

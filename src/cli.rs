@@ -74,6 +74,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// Generate a realistic request log (and create its organizations and keys).
     Simulate(SimulateArgs),
+    /// Publish request-log files to a NATS JetStream stream, each line on the subject of its
+    /// key's partition (FNV-1a 32-bit of `api_key_id`, else of `key_prefix`, modulo the
+    /// partition count), for backfills, tests and auth servers that write files.
+    Publish(PublishArgs),
     /// Check an alerting configuration file without starting: prints nothing and exits 0
     /// when it is valid, else names the line, column and setting that is wrong.
     CheckConfig {
@@ -129,8 +133,11 @@ pub enum SilenceCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// A source of request-log lines: file:PATH (followed like `tail -F`) or stdin.
-    /// Repeat for several.
+    /// A source of request-log lines: file:PATH (followed like `tail -F`), stdin, http
+    /// (`POST /v1/ingest` on --listen, NDJSON, optionally gzip), postgres (the auth server's
+    /// mcp_request_log and auth_audit_log in --database-url; postgres:URL for another
+    /// database), or nats://HOST:PORT?stream=S&partitions=A-B&of=N (JetStream). Repeat for
+    /// several.
     #[arg(
         long = "source",
         env = "KEYWATCH_SOURCE",
@@ -159,11 +166,12 @@ pub struct RunArgs {
     #[arg(long, env = "KEYWATCH_START_AT_END")]
     pub start_at_end: bool,
 
-    /// How often to reload keys and organizations from the database.
+    /// How often to reload keys and organizations from the database. Short, so a key revoked
+    /// or changed in the auth server's tables is treated as such within seconds.
     #[arg(
         long,
         env = "KEYWATCH_KEY_REFRESH",
-        default_value = "30s",
+        default_value = "2s",
         value_parser = parse_duration,
         value_name = "DURATION"
     )]
@@ -219,6 +227,87 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub metrics_idle_expiry: std::time::Duration,
+
+    #[command(flatten)]
+    pub sources_opts: SourceArgs,
+}
+
+/// Settings of the HTTP, NATS and PostgreSQL sources.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// SHA-256 (hex) of the token that `POST /v1/ingest` requires as `Authorization: Bearer
+    /// TOKEN`; only the hash is configured, so the token itself is in no file or process list.
+    #[arg(long, env = "KEYWATCH_INGEST_TOKEN_SHA256", value_name = "HEX")]
+    pub ingest_token_sha256: Option<String>,
+
+    /// The largest `POST /v1/ingest` body, in bytes, after gzip decoding; larger ones get 413.
+    #[arg(
+        long,
+        env = "KEYWATCH_INGEST_MAX_BODY",
+        default_value_t = 8 * 1024 * 1024,
+        value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024),
+        value_name = "BYTES"
+    )]
+    pub ingest_max_body: u64,
+
+    /// Ingest requests read or waiting for their commit at once; more get 503 with
+    /// Retry-After. Memory held by pushes stays under this times --ingest-max-body.
+    #[arg(
+        long,
+        env = "KEYWATCH_INGEST_MAX_IN_FLIGHT",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..=4096),
+        value_name = "N"
+    )]
+    pub ingest_max_in_flight: u32,
+
+    /// With --source postgres, on a first start (no cursor yet): read the auth server's tables
+    /// from this time (RFC 3339) instead of from their oldest row.
+    #[arg(long, env = "KEYWATCH_POSTGRES_SINCE", value_name = "TIME")]
+    pub postgres_since: Option<String>,
+
+    /// With --source postgres: how far before the cursor a row committed late is still
+    /// counted (once). Above the auth server's longest transaction.
+    #[arg(
+        long,
+        env = "KEYWATCH_POSTGRES_LOOKBACK",
+        default_value = "30s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub postgres_lookback: std::time::Duration,
+
+    /// With --source postgres: how often the tables are polled once caught up.
+    #[arg(
+        long,
+        env = "KEYWATCH_POSTGRES_POLL",
+        default_value = "1s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub postgres_poll: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The server and stream, as `--source` spells it: nats://HOST:PORT?stream=S (and
+    /// subject=PREFIX for subjects other than plexmcp.requests.<partition>). The stream is
+    /// created if missing.
+    #[arg(long, value_name = "URL")]
+    pub nats: String,
+
+    /// How many partitions the stream has (the consumers' `of=`).
+    #[arg(
+        long,
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..=4096),
+        value_name = "N"
+    )]
+    pub partitions: u32,
+
+    /// Request-log files (`-` for stdin), one message per line.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 /// How the HTTP API under /v1 authenticates.

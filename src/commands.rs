@@ -56,8 +56,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 args.api.api_auth_failures_per_minute,
             )?;
             let store = Store::open(&g.database_url).await?;
+            let http = http_settings(&args.sources_opts, &sources)?;
+            let postgres = postgres_options(&args.sources_opts, &sources, &g.database_url)?;
             let settings = DaemonSettings {
                 api_auth,
+                http,
+                postgres,
                 notify: Some(notify),
                 alerts_file: Some((args.alerts.path.clone(), alerts_required(&args.alerts))),
                 geo,
@@ -159,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo(&args).await,
         Command::Simulate(args) => simulate(&g.database_url, &args).await,
+        Command::Publish(args) => publish(&args).await,
         Command::CheckConfig { file } => {
             crate::config::AlertsConfig::load(&file, true)?;
             eprintln!("{} is valid.", file.display());
@@ -325,13 +330,97 @@ async fn silence(store: &Store, cmd: SilenceCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Reads the alerting configuration. The default file may be absent (the built-in defaults
-/// apply); a file named with --alerts or KEYWATCH_ALERTS must exist.
+/// `keywatch publish`: every file's lines to their partitions' subjects.
+async fn publish(args: &crate::cli::PublishArgs) -> anyhow::Result<()> {
+    use crate::source::nats::{NatsSpec, publish};
+    let spec = NatsSpec::parse(&args.nats).map_err(|e| anyhow!(e))?;
+    let started = Instant::now();
+    let mut total = 0;
+    for f in &args.files {
+        let published = if f == Path::new("-") {
+            publish(
+                &spec,
+                args.partitions,
+                tokio::io::BufReader::new(tokio::io::stdin()),
+            )
+            .await
+        } else {
+            let file = tokio::fs::File::open(f)
+                .await
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            publish(&spec, args.partitions, tokio::io::BufReader::new(file)).await
+        }
+        .with_context(|| format!("publishing {}", f.display()))?;
+        total += published.lines;
+    }
+    eprintln!(
+        "Published {} lines to stream {} ({} partitions) in {:.2} s.",
+        group_digits(total),
+        spec.stream,
+        args.partitions,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The postgres source's settings, when `sources` has it, its URL resolved.
+fn postgres_options(
+    args: &crate::cli::SourceArgs,
+    sources: &[SourceSpec],
+    database_url: &str,
+) -> anyhow::Result<Option<crate::source::postgres::PostgresOptions>> {
+    let Some(url) = sources.iter().find_map(|s| match s {
+        SourceSpec::Postgres(url) => Some(url.as_deref().unwrap_or(database_url)),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        bail!(
+            "--source postgres reads the auth server's tables from PostgreSQL, but {} is not a postgres:// URL; use --source postgres:postgres://USER@HOST/DB",
+            crate::store::redact_url(url)
+        );
+    }
+    let since = args
+        .postgres_since
+        .as_deref()
+        .map(|s| parse_time("--postgres-since", s))
+        .transpose()?;
+    Ok(Some(crate::source::postgres::PostgresOptions {
+        url: url.to_owned(),
+        since,
+        lookback: args.postgres_lookback,
+        poll: args.postgres_poll,
+    }))
+}
+
+/// The HTTP source's settings, when `sources` has it (which then needs a token).
+fn http_settings(
+    args: &crate::cli::SourceArgs,
+    sources: &[SourceSpec],
+) -> anyhow::Result<Option<crate::source::http::HttpSettings>> {
+    use crate::source::http::{HttpConfigError, HttpSettings, parse_token_sha256};
+    if !sources.contains(&SourceSpec::Http) {
+        return Ok(None);
+    }
+    let hash = args
+        .ingest_token_sha256
+        .as_deref()
+        .ok_or(HttpConfigError::NoToken)?;
+    Ok(Some(HttpSettings {
+        token_sha256: parse_token_sha256(hash)?,
+        max_body_bytes: usize::try_from(args.ingest_max_body).unwrap_or(usize::MAX),
+        max_in_flight: args.ingest_max_in_flight as usize,
+    }))
+}
+
 /// A file named on the command line must exist; the default `alerts.toml` may be missing.
 fn alerts_required(file: &AlertsFile) -> bool {
     file.path != Path::new("alerts.toml")
 }
 
+/// Reads the alerting configuration. The default file may be absent (the built-in defaults
+/// apply); a file named with --alerts or KEYWATCH_ALERTS must exist.
 fn load_alerts(file: &AlertsFile) -> anyhow::Result<crate::config::AlertsConfig> {
     Ok(crate::config::AlertsConfig::load(
         &file.path,

@@ -6,7 +6,9 @@
 //!
 //! ```text
 //! source ──► event (parse) ──► keys (resolve) ──► usage ──► store
-//!   file, stdin   pure parser      key cache         rollups    sqlite / postgres
+//!   file, stdin,  pure parser      key cache         rollups    sqlite / postgres
+//!   http, nats,
+//!   postgres
 //! ```
 //!
 //! [`pipeline`] drives those stages and commits each batch of counts with the checkpoints of

@@ -22,7 +22,7 @@ use crate::geo::{GeoHandle, Location};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
 use crate::notify::{AlertChange, ChangeTracker};
-use crate::source::{Checkpoint, Chunk};
+use crate::source::{Checkpoint, Chunk, ChunkOutcome, CommitAck, RejectedLine};
 use crate::store::{Batch, DeadLetter, Store, StoreError};
 
 /// How much of a refused line the dead-letter table keeps.
@@ -197,6 +197,8 @@ pub struct Pipeline {
     state_saved: Instant,
     /// Which activity values each key-day keeps (the bound outlives a commit).
     activity: crate::activity::ActivityTracker,
+    /// Sources waiting to hear that their chunks of the current batch committed.
+    acks: Vec<(CommitAck, ChunkOutcome)>,
 }
 
 /// Queues the notification-worthy change `f` makes, when notifications are on.
@@ -234,6 +236,7 @@ impl Pipeline {
             changes: None,
             state_saved: Instant::now(),
             activity: Default::default(),
+            acks: Vec::new(),
         }
     }
 
@@ -284,6 +287,8 @@ impl Pipeline {
         let mut accepted = 0u64;
         let mut asked_refresh = false;
         let mut metrics_tally = crate::metrics::ChunkTally::default();
+        // This chunk's refusals are the dead letters it appends, for a source that asks.
+        let dead_letters_before = self.batch.dead_letters.len();
         for line in chunk.data.split_inclusive(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\n").unwrap_or(line);
             let this_line = line_no;
@@ -413,8 +418,30 @@ impl Pipeline {
         self.metrics.detector_subjects(rate.map(|r| r.subjects()));
         self.pending_lines += line_no - chunk.first_line_no;
         if let Some(cp) = &chunk.checkpoint {
-            self.checkpoints
-                .insert(Arc::clone(&chunk.source), cp.clone());
+            let mut cp = cp.clone();
+            // The newest position wins, but every chunk's counted rows must be remembered.
+            if let Some(mut older) = self.checkpoints.remove(&chunk.source)
+                && !older.seen.is_empty()
+            {
+                older.seen.append(&mut cp.seen);
+                cp.seen = older.seen;
+            }
+            self.checkpoints.insert(Arc::clone(&chunk.source), cp);
+        }
+        if let Some(ack) = &chunk.ack {
+            let rejected = self.batch.dead_letters[dead_letters_before..]
+                .iter()
+                .map(|d| RejectedLine {
+                    line_no: d.line_no,
+                    reason: d.reason,
+                    detail: d.detail.clone(),
+                })
+                .collect();
+            self.acks
+                .push((ack.clone(), ChunkOutcome { accepted, rejected }));
+            // Someone waits on this chunk, so it counts as pending even if it held only blank
+            // lines: the next flush answers it.
+            self.pending_lines = self.pending_lines.max(1);
         }
         if let Some(f) = &self.on_progress {
             f(
@@ -506,7 +533,9 @@ impl Pipeline {
             .map(|(s, cp)| (s.to_string(), cp))
             .collect();
         if self.batch.is_empty() {
+            self.pending_lines = 0;
             self.last_flush = Instant::now();
+            self.send_acks();
             return Ok(());
         }
         if self.opts.dry_run {
@@ -514,6 +543,7 @@ impl Pipeline {
             self.stats.dry_run_findings.extend(batch.findings);
             self.pending_lines = 0;
             self.last_flush = Instant::now();
+            self.send_acks();
             return Ok(());
         }
         let started = Instant::now();
@@ -527,6 +557,7 @@ impl Pipeline {
                 self.pending_lines = 0;
                 self.stats.commits += 1;
                 self.last_flush = Instant::now();
+                self.send_acks();
                 Ok(())
             }
             Err(e) => {
@@ -536,6 +567,13 @@ impl Pipeline {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Tells every source waiting on a chunk of the batch just committed.
+    fn send_acks(&mut self) {
+        for (ack, outcome) in self.acks.drain(..) {
+            ack.send(outcome);
         }
     }
 

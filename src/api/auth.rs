@@ -309,6 +309,7 @@ impl Authenticator {
             data,
             first_line_no: self.line_no.fetch_add(1, Ordering::Relaxed) + 1,
             checkpoint: None,
+            ack: None,
         };
         if tx.try_send(chunk).is_err() {
             tracing::warn!("The pipeline is behind; a refused API credential was not recorded.");

@@ -367,7 +367,9 @@ impl<C: CheckpointReader> Tailer<C> {
                 path: self.display.clone(),
                 offset: track.splitter.offset(),
                 line_no,
+                seen: Vec::new(),
             }),
+            ack: None,
         };
         self.tx
             .send(chunk)
@@ -882,6 +884,7 @@ mod tests {
             path: path.display().to_string(),
             offset: 1000,
             line_no: 50,
+            seen: Vec::new(),
         });
         let (chunks, result) = batch(&path, &cps).await;
         result.expect("batch read");
@@ -983,6 +986,7 @@ mod tests {
             path: path.display().to_string(),
             offset: 4,
             line_no: 1,
+            seen: Vec::new(),
         });
         let options = FileOptions {
             start_at_end: true,

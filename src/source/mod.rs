@@ -1,17 +1,25 @@
-//! Sources: where request-log lines come from (tailed files, stdin).
+//! Sources: where request-log lines come from (tailed files, stdin, HTTP pushes, NATS
+//! JetStream, the auth server's own tables).
 //!
 //! A source only moves bytes. It cuts its input into [`Chunk`]s of whole lines, says where it
 //! stands after each chunk (a [`Checkpoint`]), and sends the chunks down a bounded channel, so a
 //! slow pipeline holds the source back instead of filling memory. It never parses, resolves or
 //! counts, and never writes a checkpoint itself: the pipeline commits a chunk's checkpoint in
-//! the same transaction as the counts of its lines.
+//! the same transaction as the counts of its lines. A source that must answer someone once
+//! its lines are safe (an HTTP client, a NATS ack) puts a [`CommitAck`] on the chunk; the
+//! pipeline fires it after the transaction holding the chunk's counts committed.
 
 pub mod file;
+pub mod http;
 pub mod lines;
+pub mod nats;
+pub mod postgres;
 pub mod stdin;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
 
 /// Where a source stands: committed together with the counts of every line before it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +33,16 @@ pub struct Checkpoint {
     pub offset: u64,
     /// Number of lines counted so far (the line number of the last one).
     pub line_no: u64,
+    /// Rows of a keyset source (the postgres source) that this chunk counts, remembered
+    /// with the checkpoint so that a row committed late is counted once. Empty elsewhere.
+    pub seen: Vec<SeenRow>,
+}
+
+/// A row a keyset source counted: its id, and its time (to forget it past the look-back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenRow {
+    pub id: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// A run of whole lines from one source.
@@ -41,7 +59,68 @@ pub struct Chunk {
     /// Where the source stands after the last line of `data`; `None` for sources that
     /// cannot resume (stdin).
     pub checkpoint: Option<Checkpoint>,
+    /// Fired once the counts of `data` are committed; `None` when nobody waits for that.
+    pub ack: Option<CommitAck>,
 }
+
+/// A line of a chunk that the parser refused, as the pipeline tells the chunk's source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedLine {
+    /// The line's number as the chunk numbered it (see [`Chunk::first_line_no`]).
+    pub line_no: u64,
+    /// The reason, as `keywatch report rejected` names it (`not_json`, `missing_field`, ...).
+    pub reason: &'static str,
+    /// What was wrong, keys redacted.
+    pub detail: String,
+}
+
+/// What became of a chunk's lines, sent once they are committed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ChunkOutcome {
+    /// Lines parsed and counted (blank lines are neither accepted nor rejected).
+    pub accepted: u64,
+    /// Lines refused, in order; they are also kept in `kw_dead_letters`.
+    pub rejected: Vec<RejectedLine>,
+}
+
+/// The pipeline's promise to tell a source when a chunk's transaction committed.
+///
+/// Cloneable because [`Chunk`] is; only the first [`CommitAck::send`] delivers. Dropping every
+/// clone unsent (the pipeline stopped before committing) closes the receiver, which the source
+/// must read as "not committed".
+#[derive(Clone)]
+pub struct CommitAck(Arc<Mutex<Option<oneshot::Sender<ChunkOutcome>>>>);
+
+impl CommitAck {
+    /// A handle for one chunk, and the receiver its source waits on.
+    pub fn new() -> (CommitAck, oneshot::Receiver<ChunkOutcome>) {
+        let (tx, rx) = oneshot::channel();
+        (CommitAck(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Tells the source its chunk is committed. A source that stopped waiting is not an
+    /// error: the counts are committed all the same.
+    pub fn send(&self, outcome: ChunkOutcome) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+impl std::fmt::Debug for CommitAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitAck")
+    }
+}
+
+impl PartialEq for CommitAck {
+    fn eq(&self, other: &CommitAck) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for CommitAck {}
 
 /// Looks up a committed checkpoint by fingerprint. The store implements it; tests use a map.
 pub trait CheckpointReader: Send + Sync + 'static {
@@ -78,4 +157,6 @@ pub enum SourceError {
     Store(#[from] crate::store::StoreError),
     #[error("the pipeline stopped before the source finished")]
     PipelineClosed,
+    #[error("the {0} source cannot run here (only `keywatch run` starts it)")]
+    Unavailable(String),
 }

@@ -78,6 +78,7 @@ async fn read_all(
                 data,
                 first_line_no,
                 checkpoint: None,
+                ack: None,
             };
             tx.send(chunk)
                 .await

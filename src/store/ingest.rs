@@ -148,6 +148,8 @@ impl Store {
                 .execute(&mut *tx)
                 .await
                 .context("saving a checkpoint")?;
+                super::auth_log::insert_seen!(tx, cp.fingerprint.as_str(), &cp.seen)
+                    .context("remembering the rows a source counted")?;
             }
             for d in &batch.dead_letters {
                 sqlx::query(
@@ -255,6 +257,7 @@ impl CheckpointReader for Store {
             path,
             offset: offset as u64,
             line_no: line_no as u64,
+            seen: Vec::new(),
         }))
     }
 }

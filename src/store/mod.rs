@@ -8,12 +8,14 @@
 //! here decides what to count or when.
 
 pub(crate) mod alerts;
+pub(crate) mod auth_log;
 mod ingest;
 pub(crate) mod keys;
 mod notify;
 mod report;
 
 pub use alerts::{AlertAction, AlertFilter, BenignPlace, StoredAlert};
+pub use auth_log::{AuthLog, AuthTable, LogRow};
 pub use ingest::{Batch, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
 pub use notify::{OutboxDepth, QueuedNotification, StoredSilence};
