@@ -233,6 +233,10 @@ pub struct Evidence {
     pub score: Option<f64>,
     /// When a trend reaches its limit at the current rate (quota forecasts).
     pub forecast_at: Option<DateTime<Utc>>,
+    /// Requests per hour up to the finding (rate findings), oldest first: the hour's start in
+    /// Unix seconds, the count, and what the baseline expected of the whole hour.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hourly: Vec<(i64, u32, Option<f64>)>,
     /// The country the finding is about (location findings): what marking it benign teaches.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub country: Option<String>,

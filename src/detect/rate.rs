@@ -148,6 +148,9 @@ struct Baseline {
     samples: u32,
 }
 
+/// How many hours of a rate finding's history its evidence carries (the email's chart).
+const CHART_HOURS: i64 = 12;
+
 /// The counts of one subject.
 ///
 /// Memory: `totals` 672 × 4 B + `peaks` 672 × 2 B = 4,032 B, `minutes` 32 × 2 B = 64 B, and
@@ -242,6 +245,19 @@ impl Series {
             .filter(|&mm| mm > self.minute - RING_MINUTES as i64 && mm <= self.minute)
             .map(|mm| u32::from(self.minutes[Self::mslot(mm)]))
             .sum()
+    }
+
+    /// The last `hours` hours (the current one last, partial): start of the hour in Unix
+    /// seconds, requests counted, and what the baseline expected of a whole hour (scaled by
+    /// `level`), for the picture in a notification.
+    fn recent_hours(&self, hours: i64, level: f64) -> Vec<(i64, u32, Option<f64>)> {
+        let from = (self.hour - hours + 1).max(self.first_hour);
+        (from..=self.hour)
+            .map(|h| {
+                let expected = self.baseline(h).map(|b| b.total * level);
+                (h * 3600, self.totals[Self::slot(h)], expected)
+            })
+            .collect()
     }
 
     fn warm(&self, warmup_hours: i64) -> bool {
@@ -414,6 +430,7 @@ impl RateDetector {
             window_secs: u64::from(win) * 60,
             samples: u64::from(b.samples),
             score: Some(z),
+            hourly: series.recent_hours(CHART_HOURS, level),
             ..Evidence::default()
         };
         let f = Finding::new(
@@ -475,6 +492,7 @@ impl RateDetector {
             method: "count against the hour-of-week median of past weeks' totals",
             window_secs: u64::from(len) * 60,
             samples: u64::from(series.baseline(series.hour).map_or(0, |b| b.samples)),
+            hourly: series.recent_hours(CHART_HOURS, level),
             ..Evidence::default()
         };
         let mut f = Finding::new(

@@ -5,7 +5,8 @@
 
 use std::time::SystemTime;
 
-use lettre::message::{Mailbox, MultiPart};
+use lettre::message::header::ContentType;
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -26,11 +27,44 @@ pub fn message(n: &Notification, from: &str, to: &[String]) -> Result<Message, D
     for t in to {
         b = b.to(t.parse::<Mailbox>().map_err(|e| bad(t, e))?);
     }
-    b.multipart(MultiPart::alternative_plain_html(
-        n.text.clone(),
-        n.html.clone(),
-    ))
-    .map_err(|e| DeliveryError::Permanent(format!("cannot build the message: {e}")))
+    let body = match charts(n) {
+        charts if charts.is_empty() => {
+            MultiPart::alternative_plain_html(n.text.clone(), n.html.clone())
+        }
+        charts => {
+            // The HTML part and the charts it shows by Content-ID.
+            let mut related = MultiPart::related().singlepart(SinglePart::html(n.html.clone()));
+            for (cid, png) in charts {
+                related = related.singlepart(Attachment::new_inline(cid).body(
+                    png,
+                    ContentType::parse("image/png").expect("a valid MIME type"),
+                ));
+            }
+            MultiPart::alternative()
+                .singlepart(SinglePart::plain(n.text.clone()))
+                .multipart(related)
+        }
+    };
+    b.multipart(body)
+        .map_err(|e| DeliveryError::Permanent(format!("cannot build the message: {e}")))
+}
+
+/// The charts the HTML part of `n` refers to, drawn from the alerts' evidence: the same
+/// notification always gives the same images, so a retried send is the same message.
+fn charts(n: &Notification) -> Vec<(String, Vec<u8>)> {
+    let Some(d) = &n.draft else {
+        return vec![];
+    };
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for a in d.new.iter().chain(&d.still_firing).chain(&d.resolved) {
+        let cid = super::chart::content_id(a);
+        if let Some(hours) = super::chart::series(a)
+            && !out.iter().any(|(c, _)| *c == cid)
+        {
+            out.push((cid, super::chart::png(&hours)));
+        }
+    }
+    out
 }
 
 /// The TLS mode `url` asks for (as lettre reads it: `smtps://` is TLS from the first byte,
@@ -216,5 +250,50 @@ mod tests {
         assert!(raw.contains("multipart/alternative"));
         assert!(raw.contains("text/plain") && raw.contains("text/html"));
         assert!(message(&n, "bad\r\naddress", &[]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod chart_tests {
+    use super::*;
+    use crate::detect::Severity;
+    use crate::notify::ChangeKind;
+    use crate::notify::group::Draft;
+    use crate::notify::test_support::change;
+
+    #[test]
+    fn a_rate_alert_carries_its_chart_inline_and_the_html_shows_it() {
+        let mut a = change("rate_spike", Severity::High, ChangeKind::Opened);
+        a.evidence = serde_json::json!({
+            "hourly": (0..12).map(|i| (1_700_000_000 + i * 3600, 100 + i * 10, 100.0)).collect::<Vec<_>>(),
+        });
+        let plain = change("new_country", Severity::Medium, ChangeKind::Opened);
+        let d = Draft {
+            receiver: "email".into(),
+            group_key: "g".into(),
+            labels: vec![],
+            new: vec![a.clone(), plain],
+            still_firing: vec![],
+            resolved: vec![],
+            digest_of: 0,
+        };
+        let n = crate::notify::render::render(&d, chrono::Utc::now());
+        let cid = crate::notify::chart::content_id(&a);
+        assert!(n.html.contains(&format!("src=\"cid:{cid}\"")), "{}", n.html);
+        assert_eq!(
+            n.html.matches("<img").count(),
+            1,
+            "only the rate alert has a chart"
+        );
+        let raw = String::from_utf8(
+            message(&n, "keywatch <kw@example.com>", &["sec@example.com".into()])
+                .unwrap()
+                .formatted(),
+        )
+        .unwrap();
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("multipart/related"), "{raw}");
+        assert!(raw.contains("Content-Type: image/png"), "{raw}");
+        assert!(raw.contains(&format!("Content-ID: <{cid}>")), "{raw}");
     }
 }

@@ -12,6 +12,7 @@
 //! transaction as the alert upserts, so a change is never lost and never queued twice. All SQL
 //! stays in `store`. Delivery timers run on the wall clock ([`Clock`]), never on event time.
 
+pub mod chart;
 pub mod config;
 pub mod dispatch;
 pub mod email;

@@ -266,6 +266,17 @@ fn write_alert(text: &mut String, html: &mut String, a: &AlertChange, resolved: 
             facts.push(("top".into(), items.join(", ")));
         }
     }
+    if let Some(hours) = super::chart::series(a) {
+        let _ = write!(
+            html,
+            "<p><img src=\"cid:{}\" width=\"{}\" height=\"{}\" alt=\"Requests per hour over the last {} hours\"><br><small>Requests per hour, the last {} hours (the last one so far): bars; the alerting hour in red; the dark line is what this hour of the week usually sees, the shaded band half to one and a half times that.</small></p>",
+            super::chart::content_id(a),
+            super::chart::WIDTH,
+            super::chart::HEIGHT,
+            hours.len(),
+            hours.len()
+        );
+    }
     html.push_str("<table style=\"font-size:90%\">");
     for (k, v) in &facts {
         let _ = writeln!(text, "  {k}: {}", text_safe(v));

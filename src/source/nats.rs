@@ -320,18 +320,30 @@ async fn consume(
     let (_js, stream) = connect(spec).await?;
     let durable = format!("keywatch-p{partition}");
     let subject = spec.subject_of(partition);
+    // The committed sequence in keywatch's database is the truth, not the consumer's ack
+    // floor: a consumer left by a killed instance holds messages delivered to it and never
+    // committed, and with AckAll the first ack of a later message would drop them. So the
+    // consumer is made anew at every start, delivering in order from just after the commit.
+    let committed = pos.committed.load(Ordering::Relaxed);
+    if let Err(e) = stream.delete_consumer(&durable).await {
+        tracing::debug!(source = %source, error = %e, "No consumer to replace (a first start).");
+    }
     let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            &durable,
-            pull::Config {
-                durable_name: Some(durable.clone()),
-                filter_subject: subject.clone(),
-                ack_policy: AckPolicy::All,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: MAX_ACK_PENDING,
-                ..Default::default()
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.clone()),
+            filter_subject: subject.clone(),
+            ack_policy: AckPolicy::All,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: MAX_ACK_PENDING,
+            deliver_policy: if committed == 0 {
+                jetstream::consumer::DeliverPolicy::All
+            } else {
+                jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: committed + 1,
+                }
             },
-        )
+            ..Default::default()
+        })
         .await
         .map_err(|e| js_err(format!("consumer {durable:?}"))(e.to_string()))?;
     let mut messages = consumer
