@@ -48,6 +48,8 @@ pub struct ApiState {
     pub auth: Arc<Authenticator>,
     /// Routes of the HTTP source (`POST /v1/ingest`), when `--source http` is on.
     pub ingest: Option<Router<Arc<ApiState>>>,
+    /// Whether the daemon's sources are reading (`/readyz`); `None` outside the daemon.
+    pub sources: Option<crate::source::Health>,
 }
 
 impl ApiState {
@@ -59,7 +61,14 @@ impl ApiState {
             keys: None,
             auth: Arc::new(Authenticator::default()),
             ingest: None,
+            sources: None,
         }
+    }
+
+    /// Reports `health` in `/readyz`.
+    pub fn with_sources(mut self, health: crate::source::Health) -> ApiState {
+        self.sources = Some(health);
+        self
     }
 
     /// Serves `POST /v1/ingest` with these routes (the HTTP source).
@@ -166,8 +175,16 @@ pub(crate) async fn healthz() -> &'static str {
 }
 
 pub(crate) async fn readyz(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
+    let failing = s.sources.as_ref().map(|h| h.failing()).unwrap_or_default();
     match s.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) if failing.is_empty() => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            failing
+                .iter()
+                .map(|(name, why)| format!("source {name} is not reading: {why}\n"))
+                .collect(),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "Not ready: the database does not answer.");
             (

@@ -40,6 +40,17 @@ pub enum SourceSpec {
 }
 
 impl SourceSpec {
+    /// The name `/readyz` reports it by.
+    pub fn name(&self) -> String {
+        match self {
+            SourceSpec::File(p) => format!("file:{}", p.display()),
+            SourceSpec::Stdin => "stdin".into(),
+            SourceSpec::Http => "http".into(),
+            SourceSpec::Nats(n) => format!("nats:{}", n.stream),
+            SourceSpec::Postgres(_) => "postgres".into(),
+        }
+    }
+
     /// Parses `file:PATH`, `stdin` (and `-` for stdin) or `http`.
     pub fn parse(s: &str) -> Result<SourceSpec, String> {
         match s {
@@ -72,6 +83,33 @@ pub struct SourceContext {
     pub http: Option<Arc<HttpIngest>>,
     /// The postgres source's settings, its URL resolved.
     pub postgres: Option<crate::source::postgres::PostgresOptions>,
+    /// Where sources say whether they are reading (`/readyz`).
+    pub health: crate::source::Health,
+}
+
+/// Spawns a source's task so that its end marks it down in `health` (with the error, if any).
+struct Tracked<'a> {
+    tasks: &'a mut tokio::task::JoinSet<Result<(), SourceError>>,
+    health: crate::source::Health,
+    name: String,
+}
+
+impl Tracked<'_> {
+    fn spawn(
+        &mut self,
+        fut: impl std::future::Future<Output = Result<(), SourceError>> + Send + 'static,
+    ) {
+        let (health, name) = (self.health.clone(), self.name.clone());
+        self.tasks.spawn(async move {
+            let r = fut.await;
+            let why = match &r {
+                Ok(()) => "stopped".to_owned(),
+                Err(e) => format!("stopped: {e}"),
+            };
+            health.down(&name, why);
+            r
+        });
+    }
 }
 
 /// Loads the key cache and reports its size.
@@ -134,6 +172,14 @@ pub async fn run_sources_in(
     for spec in specs {
         let tx = tx.clone();
         let token = shutdown.clone();
+        let health = ctx.health.clone();
+        let name = spec.name();
+        health.up(&name);
+        let mut tasks = Tracked {
+            tasks: &mut tasks,
+            health: health.clone(),
+            name,
+        };
         match spec.clone() {
             SourceSpec::File(path) => {
                 let opts = file_opts.clone();
@@ -171,6 +217,7 @@ pub async fn run_sources_in(
                         store.clone(),
                         tx,
                         token,
+                        health,
                     ));
                 }
                 None => {
@@ -179,7 +226,7 @@ pub async fn run_sources_in(
             },
             SourceSpec::Nats(spec) => {
                 let cps = Arc::clone(&checkpoints);
-                tasks.spawn(crate::source::nats::run_nats(spec, cps, tx, token));
+                tasks.spawn(crate::source::nats::run_nats(spec, cps, tx, token, health));
             }
         }
     }
@@ -345,7 +392,8 @@ pub async fn run_daemon(
         ApiState::new(metrics.clone(), store.clone())
             .with_keys(Arc::clone(&keys))
             .with_auth(settings.api_auth.clone(), Some(refused_tx))
-            .with_ingest(ctx.http.clone().map(crate::source::http::router)),
+            .with_ingest(ctx.http.clone().map(crate::source::http::router))
+            .with_sources(ctx.health.clone()),
         shutdown.child_token(),
     ));
     let refresher = tokio::spawn(Arc::clone(&keys).refresh_loop(

@@ -225,3 +225,50 @@ fn partition_takeover_needs_only_the_partitions_flag() {
     stop(all);
     assert_eq!(reported(&db, "key"), by_key);
 }
+
+#[test]
+fn readyz_says_which_source_is_not_reading() {
+    // A NATS server that is not there: the daemon runs, retries, and is not ready.
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    let dead = free_port();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut daemon = keywatch()
+        .args(["--database-url", &db.url, "run", "--listen", &addr])
+        .arg("--source")
+        .arg(format!(
+            "nats://127.0.0.1:{dead}?stream=KW_NOWHERE&partitions=0-1&of=2"
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    let mut last = None;
+    let unready = wait_until(Duration::from_secs(30), || {
+        last = get(&addr, "/readyz", "text/plain");
+        last.as_ref().is_some_and(|(code, _, body)| {
+            *code == 503 && body.contains("source nats:KW_NOWHERE/0 is not reading")
+        })
+    });
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(unready, "{last:?}");
+    // With sources that read, it is ready.
+    let Some(stream) = TestStream::new() else {
+        return;
+    };
+    let mut daemon = keywatch()
+        .args(["--database-url", &db.url, "run", "--listen", &addr])
+        .arg("--source")
+        .arg(stream.url("&partitions=0-1&of=2"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    let ready = wait_until(Duration::from_secs(30), || {
+        last = get(&addr, "/readyz", "text/plain");
+        last.as_ref().is_some_and(|(code, _, _)| *code == 200)
+    });
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(ready, "{last:?}");
+}

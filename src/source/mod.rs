@@ -160,3 +160,38 @@ pub enum SourceError {
     #[error("the {0} source cannot run here (only `keywatch run` starts it)")]
     Unavailable(String),
 }
+
+/// Which sources are reading, for `/readyz`: a source is down, with the reason, while it
+/// retries a server it cannot reach and once it has stopped; up while it reads.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<Mutex<std::collections::BTreeMap<String, Option<String>>>>);
+
+impl Health {
+    /// `name` is reading.
+    pub fn up(&self, name: &str) {
+        self.set(name, None);
+    }
+
+    /// `name` is not reading, because of `reason`.
+    pub fn down(&self, name: &str, reason: String) {
+        self.set(name, Some(reason));
+    }
+
+    fn set(&self, name: &str, state: Option<String>) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(name) {
+            Some(s) => *s = state,
+            None => {
+                m.insert(name.to_owned(), state);
+            }
+        }
+    }
+
+    /// The sources that are down, with why.
+    pub fn failing(&self) -> Vec<(String, String)> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .filter_map(|(n, s)| Some((n.clone(), s.clone()?)))
+            .collect()
+    }
+}

@@ -223,6 +223,7 @@ pub async fn run_nats(
     checkpoints: Arc<impl CheckpointReader>,
     tx: Sender<Chunk>,
     shutdown: CancellationToken,
+    health: super::Health,
 ) -> Result<(), SourceError> {
     let mut tasks = tokio::task::JoinSet::new();
     for p in spec.partitions.clone() {
@@ -232,6 +233,7 @@ pub async fn run_nats(
             Arc::clone(&checkpoints),
             tx.clone(),
             shutdown.clone(),
+            health.clone(),
         ));
     }
     drop(tx);
@@ -267,6 +269,7 @@ async fn run_partition(
     checkpoints: Arc<impl CheckpointReader>,
     tx: Sender<Chunk>,
     shutdown: CancellationToken,
+    health: super::Health,
 ) -> Result<(), SourceError> {
     let name = spec.source_name(partition);
     let start = checkpoints.checkpoint(&name).await?;
@@ -281,12 +284,13 @@ async fn run_partition(
         let outcome = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            r = consume(&spec, partition, &source, &mut pos, &tx) => r,
+            r = consume(&spec, partition, &source, &mut pos, &tx, &health) => r,
         };
         match outcome {
             Ok(()) => return Ok(()),
             Err(ConsumeError::PipelineClosed) => return Err(SourceError::PipelineClosed),
             Err(ConsumeError::Nats(e)) => {
+                health.down(&name, e.to_string());
                 tracing::warn!(source = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "NATS partition unavailable; will retry.");
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
@@ -316,6 +320,7 @@ async fn consume(
     source: &Arc<str>,
     pos: &mut Position,
     tx: &Sender<Chunk>,
+    health: &super::Health,
 ) -> Result<(), ConsumeError> {
     let (_js, stream) = connect(spec).await?;
     let durable = format!("keywatch-p{partition}");
@@ -354,6 +359,7 @@ async fn consume(
         .messages()
         .await
         .map_err(|e| js_err(format!("pulling from {durable:?}"))(e.to_string()))?;
+    health.up(source);
     tracing::info!(source = %source, subject = %subject, from_sequence = pos.committed.load(Ordering::Relaxed), "Reading a NATS partition.");
     loop {
         // Wait for one message, then gather what follows it closely into the same chunk.

@@ -68,6 +68,7 @@ pub async fn run_postgres(
     store: Store,
     tx: Sender<Chunk>,
     shutdown: CancellationToken,
+    health: super::Health,
 ) -> Result<(), SourceError> {
     let mut tasks = tokio::task::JoinSet::new();
     for table in AuthTable::ALL {
@@ -77,6 +78,7 @@ pub async fn run_postgres(
             store.clone(),
             tx.clone(),
             shutdown.clone(),
+            health.clone(),
         ));
     }
     drop(tx);
@@ -187,6 +189,7 @@ async fn run_table(
     store: Store,
     tx: Sender<Chunk>,
     shutdown: CancellationToken,
+    health: super::Health,
 ) -> Result<(), SourceError> {
     let name = table.source_name();
     let start = store.checkpoint(name).await?;
@@ -225,9 +228,13 @@ async fn run_table(
                 .map_err(SourceError::from),
         };
         match result {
-            Ok(()) => delay = opts.poll,
+            Ok(()) => {
+                health.up(name);
+                delay = opts.poll;
+            }
             Err(SourceError::PipelineClosed) => return Err(SourceError::PipelineClosed),
             Err(e) => {
+                health.down(name, e.to_string());
                 tracing::warn!(source = name, error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot read the auth server's log; will retry.");
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
