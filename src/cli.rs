@@ -463,6 +463,14 @@ pub enum OrgsCommand {
         #[arg(long)]
         custom_limit: Option<i64>,
     },
+    /// Set the address an organization's alerts also go to, through routes with
+    /// `to_org = true` in alerts.toml.
+    SetAlertEmail {
+        /// The organization's id or slug.
+        org: String,
+        /// An email address, like "Acme security <security@acme.example>".
+        email: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

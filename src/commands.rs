@@ -112,6 +112,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{id}");
             Ok(())
         }
+        Command::Orgs(OrgsCommand::SetAlertEmail { org, email }) => {
+            let store = Store::open(&g.database_url).await?;
+            let id = find_org(&store.key_cache().await?, &org)?;
+            let mailbox: lettre::message::Mailbox = email.parse().map_err(|e| {
+                anyhow!(
+                    "{email:?} is not an email address ({e}); give one like security@acme.example"
+                )
+            })?;
+            store
+                .set_org_alert_email(&id.to_string(), &mailbox.to_string(), Utc::now())
+                .await?;
+            eprintln!(
+                "Alerts of organization {id} also go to {mailbox} through routes with to_org = true."
+            );
+            Ok(())
+        }
         Command::Report(ReportCommand::Usage(args)) => {
             let store = Store::open(&g.database_url).await?;
             report_usage(&store, &args).await

@@ -25,20 +25,7 @@ struct Sink {
 }
 
 fn aiosmtpd_available() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import aiosmtpd"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI is set but Python's aiosmtpd is missing (pip install aiosmtpd): the SMTP tests must run"
-        );
-        eprintln!("skipped: SMTP test (pip install aiosmtpd to run it)");
-    }
-    ok
+    python_module("aiosmtpd", "aiosmtpd", "SMTP tests")
 }
 
 fn free_port() -> u16 {
@@ -1127,4 +1114,111 @@ fn sighup_reloads_alerts_toml_and_keeps_it_when_the_new_one_is_bad() {
     );
     assert!(!read(&a).contains("175.16.199.1"));
     stop(daemon);
+}
+
+#[test]
+fn a_route_with_to_org_also_mails_the_organizations_own_address() {
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    simulate(&db, &db.path("seed.log"), &["--keys", "3", "--lines", "10"]);
+    let rows = db.query(
+        "SELECT CAST(id AS TEXT), CAST(org_id AS TEXT), key_prefix FROM api_keys ORDER BY key_prefix LIMIT 1",
+    );
+    let [Some(id), Some(org), Some(prefix)] = &rows[0][..] else {
+        panic!("a key: {rows:?}")
+    };
+    let revoked_at = (chrono::Utc::now() - chrono::Duration::minutes(10)).to_rfc3339();
+    db.exec(&format!(
+        "UPDATE api_keys SET status = 'revoked', revoked_at = '{revoked_at}' WHERE CAST(id AS TEXT) = '{id}'"
+    ));
+    let mbox = db.path("alerts.mbox");
+    let cfg = write_file(
+        &db,
+        "alerts.toml",
+        &format!(
+            r#"
+[[receivers]]
+name = "box"
+type = "email"
+mailbox = "{}"
+to = ["sec@example.com"]
+
+[route]
+group_wait = "0s"
+
+[[routes]]
+receiver = "box"
+types = ["revoked_key_use"]
+group_by = ["org"]
+to_org = true
+"#,
+            mbox.display()
+        ),
+    );
+    // A bad address is refused, naming it; a good one is stored.
+    let bad = kw(
+        &db,
+        &[
+            "orgs",
+            "set-alert-email",
+            org,
+            "security@acme\r\nBcc: x@evil.test",
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is not an email address"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    kw_ok(
+        &db,
+        &[
+            "orgs",
+            "set-alert-email",
+            org,
+            "Acme security <security@acme.example>",
+        ],
+    );
+    let now = chrono::Utc::now().to_rfc3339();
+    let log = write_file(
+        &db,
+        "revoked.log",
+        &format!(
+            "{{\"request_id\":\"6c1f0d9e-8a37-4b8e-9f7e-2d5b0c1a9e01\",\"created_at\":\"{now}\",\"organization_id\":\"{org}\",\"api_key_id\":\"{id}\",\"key_prefix\":\"{prefix}\",\"mcp_server_name\":\"github\",\"endpoint_path\":\"/mcp\",\"http_method\":\"POST\",\"http_status_code\":401,\"latency_ms\":4,\"request_size_bytes\":100,\"response_size_bytes\":50,\"source_ip\":\"81.2.69.160\",\"user_agent\":\"t/1\",\"error_code\":\"revoked_key\"}}\n"
+        ),
+    );
+    ingest_notify(&db, &cfg, &log, &[]);
+    let text = std::fs::read_to_string(&mbox).unwrap_or_default();
+    let to = text
+        .lines()
+        .find(|l| l.starts_with("To: "))
+        .unwrap_or_else(|| {
+            panic!(
+                "a message: {text} alerts: {:?} rejected: {:?} notes: {:?}",
+                db.query("SELECT alert_type, org_id FROM kw_alerts"),
+                db.query("SELECT reason FROM kw_dead_letters"),
+                db.query("SELECT status, last_error FROM kw_notifications")
+            )
+        });
+    assert!(
+        to.contains("sec@example.com") && to.contains("security@acme.example"),
+        "the receiver's recipients and the organization's: {to}"
+    );
+    assert!(text.contains("revoked key use"), "{text}");
+    // A route that could mix organizations cannot mail one of them.
+    let mixed = write_file(
+        &db,
+        "mixed.toml",
+        &format!(
+            "[[receivers]]\nname = \"box\"\ntype = \"email\"\nmailbox = \"{}\"\n\n[route]\ngroup_by = [\"type\"]\nto_org = true\n",
+            mbox.display()
+        ),
+    );
+    let out = kw(&db, &["check-config", mixed.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must group by org"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

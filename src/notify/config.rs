@@ -189,6 +189,10 @@ pub struct RouteRaw {
     pub group_interval: Option<String>,
     pub repeat_interval: Option<String>,
     pub send_resolved: Option<bool>,
+    /// Email receivers: addresses that replace the receiver's `to` for this route.
+    pub to: Option<Vec<String>>,
+    /// Email receivers: also send to the address the alert's organization stored.
+    pub to_org: Option<bool>,
 }
 
 /// `[[silences]]`: alerts matching these are recorded but not sent, until `expires`.
@@ -585,8 +589,47 @@ impl NotifySettings {
                 parent.map(|p| p.repeat_interval),
                 4 * 3600,
             );
+            let to = raw
+                .to
+                .clone()
+                .or_else(|| parent.map(|p| p.to.clone()))
+                .unwrap_or_default();
+            let to_org = raw.to_org.or(parent.map(|p| p.to_org)).unwrap_or(false);
+            for a in raw.to.iter().flatten() {
+                if let Err(e) = a.parse::<lettre::message::Mailbox>() {
+                    errors.push(err(
+                        &[path, &["to"]].concat(),
+                        format!("{a:?} is not an email address: {e}"),
+                    ));
+                }
+            }
+            let is_email = receivers
+                .0
+                .iter()
+                .any(|r| r.name == receiver && r.kind == ReceiverKind::Email);
+            if (!to.is_empty() || to_org) && !is_email && (raw.to.is_some() || raw.to_org.is_some())
+            {
+                errors.push(err(
+                    path,
+                    format!(
+                        "to and to_org apply to email receivers only, and {receiver:?} is not one"
+                    ),
+                ));
+            }
+            if to_org
+                && !group_by
+                    .iter()
+                    .any(|g| g == "org" || g == "key" || g == "fingerprint")
+            {
+                errors.push(err(
+                    &[path, &["group_by"]].concat(),
+                    "a route with to_org = true must group by org (or key, or fingerprint), so that one organization's alerts never reach another's address".into(),
+                ));
+            }
             Some(Route {
                 receiver,
+                to,
+                to_org,
                 matchers: m,
                 continue_matching: raw.continue_matching,
                 group_by,

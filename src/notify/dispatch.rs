@@ -68,10 +68,12 @@ impl Dispatcher {
         if changes.is_empty() && drafts.is_empty() {
             return Ok(next);
         }
-        let notes: Vec<_> = drafts
-            .iter()
-            .map(|d| super::render::render(d, now))
-            .collect();
+        let mut notes = Vec::with_capacity(drafts.len());
+        for d in &drafts {
+            let mut n = super::render::render(d, now);
+            (n.to, n.also_to) = self.recipients(d).await?;
+            notes.push(n);
+        }
         let ids: Vec<i64> = changes.iter().map(|(id, _)| *id).collect();
         let state = serde_json::to_string(&self.grouper).unwrap_or_else(|_| "{}".into());
         if let Err(e) = self.store.commit_dispatch(&ids, &state, &notes, now).await {
@@ -83,6 +85,34 @@ impl Dispatcher {
             tracing::info!(receiver = %n.receiver, subject = %n.subject, "Queued a notification.");
         }
         Ok(next)
+    }
+
+    /// The email recipients `d`'s route chose: its `to` (replacing the receiver's), and with
+    /// `to_org` the address the organization stored, added when every alert in the group is
+    /// that one organization's. A digest (no route) goes to the receiver's own.
+    async fn recipients(
+        &self,
+        d: &super::group::Draft,
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let Some(route) = self.settings.router.get(&d.route) else {
+            return Ok((vec![], vec![]));
+        };
+        if !route.to_org {
+            return Ok((route.to.clone(), vec![]));
+        }
+        let mut orgs = d
+            .new
+            .iter()
+            .chain(&d.still_firing)
+            .chain(&d.resolved)
+            .map(|a| a.org_id.as_deref());
+        let first = orgs.next().flatten();
+        let org = first.filter(|o| orgs.all(|x| x == Some(*o)));
+        let also = match org {
+            Some(o) => self.store.org_alert_email(o).await?.into_iter().collect(),
+            None => vec![],
+        };
+        Ok((route.to.clone(), also))
     }
 
     async fn silences(&self, now: DateTime<Utc>) -> Result<Vec<Silence>, StoreError> {

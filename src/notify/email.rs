@@ -153,9 +153,25 @@ impl EmailReceiver {
         }
     }
 
+    /// The route's recipients when it chose some, else the receiver's; and those added.
+    fn recipients(&self, n: &Notification) -> Vec<String> {
+        let base = if n.to.is_empty() {
+            &self.settings.to
+        } else {
+            &n.to
+        };
+        let mut to = base.clone();
+        for a in &n.also_to {
+            if !to.contains(a) {
+                to.push(a.clone());
+            }
+        }
+        to
+    }
+
     async fn to_mbox(&self, n: &Notification) -> Result<(), DeliveryError> {
         use tokio::io::AsyncWriteExt;
-        let msg = message(n, &self.settings.from, &self.settings.to)?;
+        let msg = message(n, &self.settings.from, &self.recipients(n))?;
         let raw = String::from_utf8_lossy(&msg.formatted()).replace("\r\n", "\n");
         let mut entry = format!(
             "From keywatch@localhost {}\n",
@@ -201,7 +217,7 @@ impl Receiver for EmailReceiver {
             let Some(smtp) = &self.smtp else {
                 return self.to_mbox(n).await;
             };
-            let msg = message(n, &self.settings.from, &self.settings.to)?;
+            let msg = message(n, &self.settings.from, &self.recipients(n))?;
             // lettre's own timeout covers connecting, not a server that stops answering
             // mid-conversation; the whole exchange gets one deadline.
             let sent = tokio::time::timeout(self.settings.timeout, smtp.send(msg)).await;
@@ -238,6 +254,8 @@ mod tests {
             html: "<p>html</p>".into(),
             created_at: Utc::now(),
             draft: None,
+            to: vec![],
+            also_to: vec![],
         };
         let m = message(&n, "keywatch <kw@example.com>", &["sec@example.com".into()]).unwrap();
         let raw = String::from_utf8(m.formatted()).unwrap();
@@ -270,6 +288,7 @@ mod chart_tests {
         let plain = change("new_country", Severity::Medium, ChangeKind::Opened);
         let d = Draft {
             receiver: "email".into(),
+            route: String::new(),
             group_key: "g".into(),
             labels: vec![],
             new: vec![a.clone(), plain],

@@ -47,6 +47,10 @@ pub struct Group {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Draft {
     pub receiver: String,
+    /// The route it came from (`route`, `routes.N`); empty for a digest, which goes to the
+    /// receiver's own recipients.
+    #[serde(default)]
+    pub route: String,
     pub group_key: String,
     pub labels: Vec<(String, String)>,
     pub new: Vec<AlertChange>,
@@ -112,6 +116,7 @@ impl Group {
         }
         let mut d = Draft {
             receiver: self.receiver.clone(),
+            route: self.route.clone(),
             group_key: key.to_owned(),
             labels: self.labels.clone(),
             new: vec![],
@@ -293,6 +298,7 @@ fn digest(receiver: &str, held: Vec<Draft>) -> Draft {
     }
     Draft {
         receiver: receiver.to_owned(),
+        route: String::new(),
         group_key: format!("digest/{receiver}"),
         labels: vec![],
         new: new.into_values().collect(),

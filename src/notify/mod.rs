@@ -149,6 +149,13 @@ pub struct Notification {
     /// `None` for a test message.
     #[serde(default)]
     pub draft: Option<group::Draft>,
+    /// Email recipients chosen by the route (its `to`, its organization's address); empty:
+    /// the receiver's own.
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// Email recipients added to those (the organization's stored address).
+    #[serde(default)]
+    pub also_to: Vec<String>,
 }
 
 impl Notification {

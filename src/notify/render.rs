@@ -178,6 +178,8 @@ pub fn render(d: &Draft, now: DateTime<Utc>) -> Notification {
         html,
         created_at: now,
         draft: Some(d.clone()),
+        to: vec![],
+        also_to: vec![],
     }
 }
 
@@ -198,6 +200,8 @@ pub fn test_notification(receiver: &str, now: DateTime<Utc>) -> Notification {
         text,
         created_at: now,
         draft: None,
+        to: vec![],
+        also_to: vec![],
     }
 }
 
@@ -317,6 +321,7 @@ mod tests {
     fn hostile_values_are_escaped_in_html_and_cannot_break_the_subject() {
         let d = Draft {
             receiver: "email".into(),
+            route: String::new(),
             group_key: "g".into(),
             labels: vec![],
             new: vec![hostile()],
@@ -354,6 +359,7 @@ mod tests {
         a.key_prefix = Some("pmcp_abc".into());
         let d = Draft {
             receiver: "email".into(),
+            route: String::new(),
             group_key: "g".into(),
             labels: vec![],
             new: vec![],

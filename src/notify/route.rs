@@ -68,6 +68,11 @@ pub struct Route {
     /// How often an unchanged, still-firing group is told again.
     pub repeat_interval: Duration,
     pub send_resolved: bool,
+    /// Email addresses that replace the receiver's `to` for this route's notifications.
+    pub to: Vec<String>,
+    /// Also send each group to the address its organization stored
+    /// (`keywatch orgs set-alert-email`); such a route groups by organization.
+    pub to_org: bool,
 }
 
 impl Default for Route {
@@ -81,6 +86,8 @@ impl Default for Route {
             group_interval: Duration::from_secs(300),
             repeat_interval: Duration::from_secs(4 * 3600),
             send_resolved: true,
+            to: vec![],
+            to_org: false,
         }
     }
 }

@@ -304,6 +304,7 @@ mod tests {
         r.fingerprint = "new_country/key:k1".into();
         let d = Draft {
             receiver: "hook".into(),
+            route: String::new(),
             group_key: "g".into(),
             labels: vec![("org".into(), "o".into())],
             new: vec![a],

@@ -295,4 +295,36 @@ impl Store {
         .context("expiring a silence")?;
         Ok(n > 0)
     }
+
+    /// Sets the address an organization's alerts also go to (routes with `to_org`).
+    pub async fn set_org_alert_email(
+        &self,
+        org_id: &str,
+        email: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        with_pool!(self, p => sqlx::query(
+            "INSERT INTO kw_org_contacts (org_id, alert_email, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (org_id) DO UPDATE SET alert_email = excluded.alert_email, updated_at = excluded.updated_at",
+        )
+        .bind(org_id)
+        .bind(email)
+        .bind(DbTime(now))
+        .execute(p)
+        .await
+        .map(|_| ()))
+        .context("setting an organization's alert address")
+    }
+
+    /// The address an organization's alerts also go to, if it set one.
+    pub async fn org_alert_email(&self, org_id: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = with_pool!(self, p => sqlx::query_as(
+            "SELECT alert_email FROM kw_org_contacts WHERE org_id = $1",
+        )
+        .bind(org_id)
+        .fetch_optional(p)
+        .await)
+        .context("reading an organization's alert address")?;
+        Ok(row.map(|r| r.0))
+    }
 }

@@ -404,3 +404,22 @@ impl Rng {
         }
     }
 }
+
+/// Whether Python's `module` imports. Without it a test prints `skipped:` and passes, but
+/// with `CI` set it fails: CI installs it (`pip install {package}`), so its tests must run.
+pub fn python_module(module: &str, package: &str, what: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI is set but Python's {package} is missing (pip install {package}): the {what} must run"
+        );
+        eprintln!("skipped: {what} (pip install {package} to run it)");
+    }
+    ok
+}
