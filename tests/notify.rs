@@ -28,14 +28,6 @@ fn aiosmtpd_available() -> bool {
     python_module("aiosmtpd", "aiosmtpd", "SMTP tests")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Sink {
     fn new(dir: PathBuf, port: u16) -> Sink {
         std::fs::create_dir_all(&dir).unwrap();
@@ -667,8 +659,12 @@ impl Alertmanager {
             .expect("alertmanager starts");
         let am = Alertmanager { child, port };
         assert!(
-            wait_until(Duration::from_secs(30), || http_get(am.port, "/-/ready")
-                .is_some_and(|(status, _)| status == 200)),
+            wait_until(Duration::from_secs(30), || get(
+                &format!("127.0.0.1:{}", am.port),
+                "/-/ready",
+                "text/plain"
+            )
+            .is_some_and(|(status, _, _)| status == 200)),
             "Alertmanager became ready"
         );
         Some(am)
@@ -680,43 +676,6 @@ impl Drop for Alertmanager {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A plain HTTP/1.1 GET on loopback: the status and body.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let status = raw.split(' ').nth(1)?.parse().ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        // Alertmanager's answers are small: join the chunks.
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).ok()?;
-            if n == 0 {
-                break;
-            }
-            out.push_str(tail.get(..n)?);
-            rest = tail.get(n + 2..)?;
-        }
-        out
-    } else {
-        body.to_owned()
-    };
-    Some((status, body))
 }
 
 #[test]
@@ -746,9 +705,13 @@ group_wait = "0s"
     ingest_notify(&db, &cfg, &log, &[]);
     let mut alerts = Vec::new();
     let arrived = wait_until(Duration::from_secs(20), || {
-        alerts = http_get(am.port, "/api/v2/alerts")
-            .and_then(|(_, body)| serde_json::from_str::<Vec<Value>>(&body).ok())
-            .unwrap_or_default();
+        alerts = get(
+            &format!("127.0.0.1:{}", am.port),
+            "/api/v2/alerts",
+            "application/json",
+        )
+        .and_then(|(_, _, body)| serde_json::from_str::<Vec<Value>>(&body).ok())
+        .unwrap_or_default();
         alerts.len() >= 2
     });
     assert!(arrived, "two alerts in Alertmanager: {alerts:?}");

@@ -195,3 +195,24 @@ impl Health {
             .collect()
     }
 }
+
+/// Waits for every task of a source that runs several (NATS partitions, auth-server tables)
+/// and returns the first error; a task that panicked counts as failed, named by `what`.
+pub(crate) async fn first_error(
+    mut tasks: tokio::task::JoinSet<Result<(), SourceError>>,
+    what: &str,
+) -> Result<(), SourceError> {
+    let mut first = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap_or_else(|e| {
+            Err(SourceError::Io {
+                path: what.into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+        if let (Err(e), true) = (r, first.is_ok()) {
+            first = Err(e);
+        }
+    }
+    first
+}

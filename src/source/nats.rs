@@ -237,19 +237,7 @@ pub async fn run_nats(
         ));
     }
     drop(tx);
-    let mut first = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        let r = r.unwrap_or_else(|e| {
-            Err(SourceError::Io {
-                path: "nats partition task".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        });
-        if let (Err(e), true) = (r, first.is_ok()) {
-            first = Err(e);
-        }
-    }
-    first
+    super::first_error(tasks, "nats partition task").await
 }
 
 /// Where one partition stands.

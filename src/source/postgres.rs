@@ -82,19 +82,7 @@ pub async fn run_postgres(
         ));
     }
     drop(tx);
-    let mut first = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        let r = r.unwrap_or_else(|e| {
-            Err(SourceError::Io {
-                path: "postgres source task".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        });
-        if let (Err(e), true) = (r, first.is_ok()) {
-            first = Err(e);
-        }
-    }
-    first
+    super::first_error(tasks, "postgres source task").await
 }
 
 /// One table's position: the cursor, the rows counted within the window, lines so far.
