@@ -104,6 +104,9 @@ impl SharedKeys {
 
 /// How often a running pipeline saves what the detectors learned (and always when it stops).
 const STATE_SAVE_EVERY: Duration = Duration::from_secs(600);
+/// How often the organizations' month-to-date totals are read back from the store, where the
+/// instances sharing a database add up (see `QuotaDetector::sync_month_to_date`).
+const TOTALS_SYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// Detection: the detectors, and the GeoIP databases that say where a request came from.
 pub struct Detection {
@@ -195,6 +198,8 @@ pub struct Pipeline {
     changes: Option<ChangeTracker>,
     /// When the detectors' state was last saved.
     state_saved: Instant,
+    /// When the month-to-date totals were last read back from the store.
+    totals_synced: Instant,
     /// Which activity values each key-day keeps (the bound outlives a commit).
     activity: crate::activity::ActivityTracker,
     /// Sources waiting to hear that their chunks of the current batch committed.
@@ -235,6 +240,7 @@ impl Pipeline {
             detection: None,
             changes: None,
             state_saved: Instant::now(),
+            totals_synced: Instant::now(),
             activity: Default::default(),
             acks: Vec::new(),
         }
@@ -631,10 +637,62 @@ impl Pipeline {
                     self.save_detector_state().await;
                 }
             }
+            // Also when idle: a peer's last commit can be what crosses a level.
+            if self.pending_lines == 0 && self.totals_synced.elapsed() >= TOTALS_SYNC_EVERY {
+                self.sync_month_to_date().await;
+            }
         }
         self.flush_with_retry(give_up).await?;
         self.save_detector_state().await;
         Ok(self.stats)
+    }
+
+    /// Gives the quota detector the organizations' month-to-date totals as the store holds
+    /// them, so that instances which each count their own partitions judge the sum. Run only
+    /// when nothing is pending, so that everything this instance counted is in the store. A failure only
+    /// delays the sum: it is logged.
+    async fn sync_month_to_date(&mut self) {
+        self.totals_synced = Instant::now();
+        let Some(w) = self.watermark.filter(|_| !self.opts.dry_run) else {
+            return;
+        };
+        if self
+            .detection
+            .as_ref()
+            .is_none_or(|d| d.detectors.quota.is_none())
+        {
+            return;
+        }
+        // Peers may be a little ahead in event time: count up to an hour past this watermark,
+        // within its month.
+        let (_, month_end) = crate::usage::month_of(w);
+        let until = (w + chrono::Duration::hours(1)).min(month_end - chrono::Duration::seconds(1));
+        let totals = match crate::report::month_to_date(&self.store, until).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not read the organizations' month-to-date totals; the quota detector counts on from its own.");
+                return;
+            }
+        };
+        let cache = self.keys.get();
+        let Some(quota) = self
+            .detection
+            .as_mut()
+            .and_then(|d| d.detectors.quota.as_mut())
+        else {
+            return;
+        };
+        let found: Vec<_> = totals
+            .iter()
+            .filter_map(|(id, &total)| cache.org(id).map(|o| (o, total)))
+            .flat_map(|(o, total)| quota.sync_month_to_date(o, w, total))
+            .collect();
+        for f in found {
+            self.stats.alerts.insert(f.fingerprint());
+            queue_change(self.changes.as_mut(), &mut self.batch, &f);
+            self.batch.findings.push(f);
+            self.pending_lines = self.pending_lines.max(1);
+        }
     }
 
     /// Keeps what the detectors learned for the next start, now that everything they saw is

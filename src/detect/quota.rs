@@ -16,6 +16,7 @@ use super::{
     AlertType, Context, Detector, Episodes, Evidence, Finding, Observation, Severity, Subject,
     fingerprint, minute_of,
 };
+use crate::keys::OrgInfo;
 use crate::usage::month_of;
 
 /// Minutes of saturation history per key: an hour and a few minutes of lateness.
@@ -155,17 +156,56 @@ impl QuotaDetector {
     }
 
     fn quota(&mut self, obs: &Observation, ctx: &Context<'_>) -> Vec<Finding> {
-        let mut out = Vec::new();
         let Some(org) = ctx.org else {
-            return out;
+            return Vec::new();
         };
+        let Some(mut out) = self.roll_month(org, obs.at) else {
+            return Vec::new();
+        };
+        if let Some(m) = self.months.get_mut(&org.id) {
+            m.count += 1;
+        }
+        out.extend(self.crossed_levels(org, obs.at));
+        out
+    }
+
+    /// Tells the detector that the shared store holds `total` requests of `org` for the month
+    /// holding `at`, everything this detector saw included: with several instances sharing a
+    /// database, each sees only its own partitions, and this is how their counts add up to the
+    /// organization's month to date. A total below the detector's own count (a snapshot taken
+    /// before its latest lines were committed) changes nothing; levels the total crosses are
+    /// reported as if the line that crossed them had been seen here.
+    pub fn sync_month_to_date(
+        &mut self,
+        org: &OrgInfo,
+        at: DateTime<Utc>,
+        total: u64,
+    ) -> Vec<Finding> {
+        if !self.s.threshold {
+            return Vec::new();
+        }
+        let Some(mut out) = self.roll_month(org, at) else {
+            return Vec::new();
+        };
+        if let Some(m) = self.months.get_mut(&org.id) {
+            m.count = m.count.max(total);
+        }
+        out.extend(self.crossed_levels(org, at));
+        out
+    }
+
+    /// Makes sure `org`'s month is the one holding `at`, closing the previous month's episode
+    /// (its findings are returned); `None` when `at` falls in a month already closed or the
+    /// organization has no monthly limit.
+    fn roll_month(&mut self, org: &OrgInfo, at: DateTime<Utc>) -> Option<Vec<Finding>> {
         let (Some(limit), _) = org.monthly_limit() else {
-            return out;
+            return None;
         };
         if limit == 0 {
-            return out;
+            return None;
         }
-        let (start, end) = month_of(obs.at);
+        let mut out = Vec::new();
+        let (start, end) = month_of(at);
         let m = self.months.entry(org.id).or_insert(Month {
             start,
             end,
@@ -184,9 +224,20 @@ impl QuotaDetector {
                 opened_at: None,
             };
         } else if start < m.start {
-            return out; // a late line from last month: that month is closed
+            return None; // a late line from last month: that month is closed
         }
-        m.count += 1;
+        Some(out)
+    }
+
+    /// The levels `org`'s month-to-date count has newly crossed at `at`, each reported once.
+    fn crossed_levels(&mut self, org: &OrgInfo, at: DateTime<Utc>) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let (Some(limit), _) = org.monthly_limit() else {
+            return out;
+        };
+        let Some(m) = self.months.get_mut(&org.id) else {
+            return out;
+        };
         // The crossed set is a 32-bit mask: levels past the 32nd are ignored.
         for (i, &level) in self.s.levels.iter().take(32).enumerate() {
             let needed = (u128::from(limit) * u128::from(level)).div_ceil(100) as u64;
@@ -194,10 +245,10 @@ impl QuotaDetector {
                 continue;
             }
             m.crossed |= 1 << i;
-            let elapsed = (obs.at - m.start).num_seconds().max(60) as f64;
+            let elapsed = (at - m.start).num_seconds().max(60) as f64;
             let rate = m.count as f64 / elapsed; // requests per second, month to date
             let forecast_at = (m.count < limit)
-                .then(|| obs.at + Duration::seconds(((limit - m.count) as f64 / rate) as i64));
+                .then(|| at + Duration::seconds(((limit - m.count) as f64 / rate) as i64));
             let month_total = rate * (m.end - m.start).num_seconds() as f64;
             let severity = match level {
                 0..=89 => Severity::Info,
@@ -221,14 +272,14 @@ impl QuotaDetector {
                 "Organization {} crossed {level}% of its monthly limit ({} of {limit} requests) at {}{when}.",
                 org.name,
                 m.count,
-                obs.at.format("%Y-%m-%d %H:%M UTC")
+                at.format("%Y-%m-%d %H:%M UTC")
             );
             let ev = Evidence {
                 observed: m.count as f64,
                 expected: Some(month_total),
                 threshold: Some(needed as f64),
                 method: "month-to-date count against the monthly limit; forecast at the month's mean rate",
-                window_secs: (obs.at - m.start).num_seconds().max(0) as u64,
+                window_secs: (at - m.start).num_seconds().max(0) as u64,
                 samples: m.count,
                 score: Some(f64::from(level)),
                 forecast_at,
@@ -238,7 +289,7 @@ impl QuotaDetector {
                 AlertType::QuotaThreshold,
                 severity,
                 Subject::Org(org.id),
-                obs.at,
+                at,
                 summary,
                 ev,
             );
@@ -246,7 +297,7 @@ impl QuotaDetector {
             if let Some(s) = m.opened_at {
                 f.started_at = s;
             } else {
-                m.opened_at = Some(obs.at);
+                m.opened_at = Some(at);
             }
             // Each level is news even at equal severity: send it whatever the episode says.
             let raised = self.episodes.raise(f.clone());
@@ -395,6 +446,44 @@ mod tests {
             tier: "free".into(),
             custom_max_requests_monthly: Some(limit),
         }
+    }
+
+    #[test]
+    fn instances_sharing_a_store_add_up_to_the_month_to_date() {
+        // Two instances each see half of an organization's traffic (their partitions); the
+        // store's month-to-date total is what crosses the levels, once.
+        let o = org(1000);
+        let ctx = Context {
+            key: None,
+            org: Some(&o),
+        };
+        let mut a = QuotaDetector::new(QuotaSettings::default());
+        let mut b = QuotaDetector::new(QuotaSettings::default());
+        let t0 = t("2026-11-02T00:00:00Z");
+        let mut raised = Vec::new();
+        for i in 0..400 {
+            let at = t0 + Duration::minutes(i);
+            raised.extend(a.observe(&ok(at, Uuid::from_u128(1)), &ctx));
+            raised.extend(b.observe(&ok(at, Uuid::from_u128(2)), &ctx));
+        }
+        assert!(raised.is_empty(), "400 of 1000 each: no level seen alone");
+        let at = t0 + Duration::minutes(400);
+        let from_a = a.sync_month_to_date(&o, at, 800);
+        let levels: Vec<f64> = from_a.iter().map(|f| f.evidence.score.unwrap()).collect();
+        assert_eq!(levels, [75.0]);
+        assert_eq!(from_a[0].evidence.observed, 800.0);
+        // A snapshot older than what the detector counted itself changes nothing.
+        assert!(a.sync_month_to_date(&o, at, 10).is_empty());
+        // The other instance learns the same total and raises the same alert (same
+        // fingerprint: the store keeps one), and its own next lines count on from there.
+        let from_b = b.sync_month_to_date(&o, at, 800);
+        assert_eq!(from_b[0].fingerprint(), from_a[0].fingerprint());
+        let mut later = Vec::new();
+        for i in 0..100 {
+            later.extend(b.observe(&ok(at + Duration::seconds(i), Uuid::from_u128(2)), &ctx));
+        }
+        let levels: Vec<f64> = later.iter().map(|f| f.evidence.score.unwrap()).collect();
+        assert_eq!(levels, [90.0]);
     }
 
     #[test]

@@ -134,6 +134,75 @@ impl ChangeTracker {
     }
 }
 
+/// An alert as the database held it when a batch came to record a change of it: what the
+/// change is checked against, so that instances sharing a database (each with its own
+/// [`ChangeTracker`]) announce each change once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredState {
+    /// `firing`, `acknowledged`, `benign` or `resolved`.
+    pub status: StoredStatus,
+    pub severity: Severity,
+    /// The change's episode started after the stored alert's last evidence: a new episode.
+    pub later_episode: bool,
+}
+
+/// An alert's stored status, as far as announcing changes goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredStatus {
+    /// Firing or acknowledged: open, and worth telling about when it gets worse or ends.
+    Open,
+    /// Marked benign by an admin: nothing more is said of this episode.
+    Benign,
+    Resolved,
+}
+
+impl StoredStatus {
+    /// The status column's value; an unknown one counts as open.
+    pub fn parse(s: &str) -> StoredStatus {
+        match s {
+            "benign" => StoredStatus::Benign,
+            "resolved" => StoredStatus::Resolved,
+            _ => StoredStatus::Open,
+        }
+    }
+}
+
+impl AlertChange {
+    /// What this change still says given the alert as stored (`None`: no row), or `None` when
+    /// the store already knows it: another instance announced it, or an admin marked the
+    /// episode benign. Returns the kind to announce, and updates `stored` to the state after
+    /// it, so that several changes of one alert in a batch are judged in turn.
+    pub fn against(&self, stored: &mut Option<StoredState>) -> Option<ChangeKind> {
+        let open = |severity| StoredState {
+            status: StoredStatus::Open,
+            severity,
+            later_episode: false,
+        };
+        let said = match (*stored, self.kind) {
+            (None, ChangeKind::Resolved) => None,
+            (Some(s), ChangeKind::Resolved) => {
+                (s.status == StoredStatus::Open).then_some(ChangeKind::Resolved)
+            }
+            (Some(s), _) if s.status == StoredStatus::Benign && !s.later_episode => None,
+            (Some(s), _) if s.status == StoredStatus::Open => {
+                (self.severity > s.severity).then_some(ChangeKind::SeverityRaised)
+            }
+            // No row, resolved, or a new episode of a benign one: news.
+            _ => Some(ChangeKind::Opened),
+        };
+        match said {
+            Some(ChangeKind::Resolved) => {
+                if let Some(s) = stored.as_mut() {
+                    s.status = StoredStatus::Resolved;
+                }
+            }
+            Some(_) => *stored = Some(open(self.severity)),
+            None => {}
+        }
+        said
+    }
+}
+
 /// One message for one receiver: what the grouping stage decided to say, rendered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
@@ -385,6 +454,56 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_the_store_already_knows_is_not_announced_again() {
+        let f = Finding::new(
+            crate::detect::AlertType::QuotaThreshold,
+            Severity::Low,
+            crate::detect::Subject::Org(uuid::Uuid::from_u128(1)),
+            "2026-11-20T12:00:00Z".parse().unwrap(),
+            "s".into(),
+            Default::default(),
+        );
+        let change = |kind, severity| {
+            let mut c = AlertChange::from_finding(kind, &f);
+            c.severity = severity;
+            c
+        };
+        let state = |status, severity| {
+            Some(StoredState {
+                status,
+                severity,
+                later_episode: false,
+            })
+        };
+        // Two instances raise the same organization alert: the second says nothing.
+        let mut stored = None;
+        let opened = change(ChangeKind::Opened, Severity::Low);
+        assert_eq!(opened.against(&mut stored), Some(ChangeKind::Opened));
+        assert_eq!(opened.against(&mut stored), None);
+        // More severe is news, once; to the other instance it is an opening it never saw.
+        let worse = change(ChangeKind::Opened, Severity::Medium);
+        assert_eq!(worse.against(&mut stored), Some(ChangeKind::SeverityRaised));
+        assert_eq!(worse.against(&mut stored), None);
+        let resolved = change(ChangeKind::Resolved, Severity::Medium);
+        assert_eq!(resolved.against(&mut stored), Some(ChangeKind::Resolved));
+        assert_eq!(resolved.against(&mut stored), None);
+        assert_eq!(resolved.against(&mut None), None);
+        // A benign episode stays quiet, however it changes, until a new episode starts.
+        let raised = change(ChangeKind::SeverityRaised, Severity::High);
+        let mut benign = state(StoredStatus::Benign, Severity::Low);
+        assert_eq!(raised.against(&mut benign), None);
+        assert_eq!(resolved.against(&mut benign), None);
+        let mut later = benign.map(|s| StoredState {
+            later_episode: true,
+            ..s
+        });
+        assert_eq!(opened.against(&mut later), Some(ChangeKind::Opened));
+        // A resolved alert that fires again is a new opening.
+        let mut done = state(StoredStatus::Resolved, Severity::High);
+        assert_eq!(raised.against(&mut done), Some(ChangeKind::Opened));
+    }
     use crate::detect::{AlertType, Evidence, Subject};
 
     fn finding(sev: Severity, resolved: bool) -> Finding {

@@ -121,6 +121,7 @@ impl Store {
     /// dead letters appended, alerts upserted and their changes queued in the outbox.
     pub async fn commit_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         let now = Utc::now();
+        let postgres = matches!(self.pool, super::Pool::Postgres(_));
         with_pool!(self, p => {
             let mut tx = p.begin().await.context("starting a transaction")?;
             for g in Granularity::ALL {
@@ -198,8 +199,9 @@ impl Store {
                     .await
                     .context("forgetting old key activity")?;
             }
+            let states = super::notify::stored_states!(&mut tx, &batch.changes, postgres)?;
             super::alerts::upsert_findings!(&mut tx, &batch.findings)?;
-            super::notify::insert_changes!(&mut tx, &batch.changes, now)?;
+            super::notify::insert_changes!(&mut tx, &batch.changes, states, now)?;
             tx.commit().await.context("committing a batch")
         })
     }

@@ -7,16 +7,77 @@ use super::keys::DbTime;
 use super::{QueryContext, Store, StoreError, with_pool};
 use crate::notify::{AlertChange, Notification};
 
-/// Writes alert changes into the outbox inside a batch transaction.
-macro_rules! insert_changes {
-    ($tx:expr, $changes:expr, $now:expr) => {{
+/// Inside a batch transaction, before its alerts are upserted: how the database holds each
+/// alert that `$changes` change, keyed by fingerprint. On PostgreSQL each fingerprint is first
+/// locked for the rest of the transaction (in sorted order, so two instances cannot deadlock
+/// on them), so that two instances committing the same change at once judge it in turn.
+macro_rules! stored_states {
+    ($tx:expr, $changes:expr, $postgres:expr) => {{
+        let mut states: std::collections::HashMap<&str, Option<$crate::notify::StoredState>> =
+            std::collections::HashMap::new();
+        let mut firsts: Vec<&$crate::notify::AlertChange> = Vec::new();
         for c in $changes {
+            if !firsts.iter().any(|f| f.fingerprint == c.fingerprint) {
+                firsts.push(c);
+            }
+        }
+        firsts.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
+        let failed = |source| $crate::store::StoreError::Query {
+            context: "reading the alerts a batch changes",
+            source,
+        };
+        for c in firsts {
+            if $postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(&c.fingerprint)
+                    .execute(&mut **$tx)
+                    .await
+                    .map_err(failed)?;
+            }
+            let row: Option<(String, String, i32)> = sqlx::query_as(
+                "SELECT status, severity, CASE WHEN last_seen_at < $2 THEN 1 ELSE 0 END \
+                 FROM kw_alerts WHERE fingerprint = $1",
+            )
+            .bind(&c.fingerprint)
+            .bind($crate::store::keys::DbTime(c.started_at))
+            .fetch_optional(&mut **$tx)
+            .await
+            .map_err(failed)?;
+            let state = row.map(|(status, severity, later)| $crate::notify::StoredState {
+                status: $crate::notify::StoredStatus::parse(&status),
+                severity: $crate::detect::Severity::parse(&severity)
+                    .unwrap_or($crate::detect::Severity::Info),
+                later_episode: later != 0,
+            });
+            states.insert(c.fingerprint.as_str(), state);
+        }
+        Ok::<_, $crate::store::StoreError>(states)
+    }};
+}
+pub(crate) use stored_states;
+
+/// Writes alert changes into the outbox inside a batch transaction: each as it still reads
+/// against `$states` (from [`stored_states`]), so that a change the database already holds
+/// (another instance announced it) or that an admin silenced by marking the episode benign is
+/// not queued again.
+macro_rules! insert_changes {
+    ($tx:expr, $changes:expr, $states:expr, $now:expr) => {{
+        let mut states = $states;
+        for c in $changes {
+            let Some(kind) = states
+                .get_mut(c.fingerprint.as_str())
+                .and_then(|s| c.against(s))
+            else {
+                continue;
+            };
+            let mut c = c.clone();
+            c.kind = kind;
             sqlx::query(
                 "INSERT INTO kw_outbox (fingerprint, change, payload, created_at) VALUES ($1, $2, $3, $4)",
             )
             .bind(&c.fingerprint)
             .bind(c.kind.as_str())
-            .bind(serde_json::to_string(c).unwrap_or_else(|_| "{}".into()))
+            .bind(serde_json::to_string(&c).unwrap_or_else(|_| "{}".into()))
             .bind($crate::store::keys::DbTime($now))
             .execute(&mut **$tx)
             .await

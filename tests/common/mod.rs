@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod smtp;
+
 /// The keywatch binary built for these tests.
 pub fn keywatch() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_keywatch"));
