@@ -1,7 +1,9 @@
 //! `--source nats://...` and `keywatch publish` against the real NATS JetStream server at
 //! 127.0.0.1:4222: a published file is counted exactly once, a restart counts nothing twice,
 //! and two instances splitting the partitions of one stream into one PostgreSQL database,
-//! one of them killed with SIGKILL mid-stream and restarted, count every request once.
+//! one of them killed with SIGKILL mid-stream and restarted, count every request once, judge an
+//! organization's monthly quota on the sum of their counts, and email each alert once (one
+//! instance delivers; the other takes over when it dies).
 //!
 //! Without a NATS server these tests print `skipped:` and pass; with `CI` set they fail.
 
@@ -10,7 +12,9 @@ mod common;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use common::smtp::*;
 use common::*;
+use serde_json::Value;
 
 const SERVER: &str = "127.0.0.1:4222";
 
@@ -63,10 +67,16 @@ impl Drop for TestStream {
 }
 
 fn start(db: &TestDb, source: &str) -> Child {
+    start_with(db, source, &[])
+}
+
+/// `keywatch run` reading `source`, with `extra` arguments of `run`.
+fn start_with(db: &TestDb, source: &str, extra: &[&str]) -> Child {
     keywatch()
         .args(["--database-url", &db.url, "run", "--listen"])
         .arg(format!("127.0.0.1:{}", free_port()))
         .args(["--source", source])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -161,20 +171,82 @@ fn a_published_file_is_counted_once_across_a_restart() {
     stop(daemon);
 }
 
+/// The organization whose traffic is split most evenly between partitions 0-3 and 4-7 of 8,
+/// with its total: neither instance alone sees 75% of it.
+fn evenly_split_org(log: &std::path::Path) -> (String, u64) {
+    let mut halves: std::collections::BTreeMap<String, [u64; 2]> = Default::default();
+    for line in std::fs::read_to_string(log).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let (Some(key), Some(org)) = (v["api_key_id"].as_str(), v["organization_id"].as_str()) {
+            halves.entry(org.to_owned()).or_default()[usize::from(fnv1a(key) % 8 >= 4)] += 1;
+        }
+    }
+    let (org, [low, high]) = halves
+        .into_iter()
+        .filter(|(_, [l, h])| *l.max(h) * 4 < (l + h) * 3)
+        .max_by_key(|(_, [l, h])| l + h)
+        .expect("an organization with keys on both instances");
+    (org, low + high)
+}
+
+/// FNV-1a 32-bit, the partition function publishers use (README "Running at scale").
+fn fnv1a(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 fn counts_once_with_a_peer_killed(db: TestDb) {
     let Some(stream) = TestStream::new() else {
         return;
     };
+    if !aiosmtpd_available() {
+        return;
+    }
+    let mut sink = Sink::new(db.path("mail"), free_port());
+    sink.start();
+    let alerts = db.path("alerts.toml");
+    std::fs::write(
+        &alerts,
+        format!(
+            r#"
+[delivery]
+retry_initial = "1s"
+retry_max = "2s"
+
+[[receivers]]
+name = "security"
+type = "email"
+url = "smtp://127.0.0.1:{}"
+from = "keywatch <keywatch@example.com>"
+to = ["sec@example.com"]
+rate_limit_per_hour = 10000
+
+[route]
+group_by = ["fingerprint"]
+group_wait = "0s"
+group_interval = "1s"
+"#,
+            sink.port
+        ),
+    )
+    .unwrap();
     let (first, second) = (db.path("first.log"), db.path("second.log"));
     let all = split_simulated(&db, 30_000, 15_000, &first, &second);
     let (by_key, by_org) = oracle(&all);
     let total: u64 = by_key.values().map(|t| t.requests).sum();
+    // A monthly limit that only the two instances' counts together reach.
+    let (org, org_total) = evenly_split_org(&all);
+    db.exec(&format!(
+        "UPDATE organizations SET custom_max_requests_monthly = {org_total} WHERE id = '{org}'"
+    ));
 
     publish(&db, &stream, 8, &first);
     let low = stream.url("&partitions=0-3&of=8");
     let high = stream.url("&partitions=4-7&of=8");
-    let mut a = start(&db, &low);
-    let b = start(&db, &high);
+    let deliver = ["--alerts", alerts.to_str().unwrap()];
+    let mut a = start_with(&db, &low, &deliver);
+    let b = start_with(&db, &high, &deliver);
     // Kill A with SIGKILL as soon as it has counted some but (very likely) not all of its
     // share, then publish more while it is down.
     assert!(
@@ -186,13 +258,110 @@ fn counts_once_with_a_peer_killed(db: TestDb) {
     let at_kill = total_requests(&db);
     publish(&db, &stream, 8, &second);
     std::thread::sleep(Duration::from_secs(1));
-    let a = start(&db, &low);
+    let a = start_with(&db, &low, &deliver);
     assert_settles_at(&db, total);
-    stop(a);
-    stop(b);
     eprintln!("killed A at {at_kill} of {total} requests counted");
     assert_eq!(reported(&db, "key"), by_key, "every request counted once");
     assert_eq!(reported(&db, "org"), by_org);
+
+    // The organization's month to date is the sum of both instances' counts: 100% is crossed.
+    let quota = || {
+        db.query(&format!(
+            "SELECT evidence FROM kw_alerts WHERE alert_type = 'quota_threshold' AND org_id = '{org}'"
+        ))
+    };
+    let crossed = wait_until(Duration::from_secs(60), || {
+        quota().first().is_some_and(|r| {
+            serde_json::from_str::<Value>(r[0].as_deref().unwrap())
+                .is_ok_and(|e| e["score"] == 100.0)
+        })
+    });
+    assert!(crossed, "the quota alert reached 100%: {:?}", quota());
+
+    // Every change was queued once, delivered, and arrived once (at most one resend, with the
+    // same Message-ID, of a message whose sender was killed before it could mark it sent).
+    let settled = wait_until(Duration::from_secs(60), || {
+        db.query(
+            "SELECT CAST((SELECT COUNT(*) FROM kw_outbox WHERE dispatched_at IS NULL) \
+             + (SELECT COUNT(*) FROM kw_notifications WHERE status <> 'sent') AS TEXT)",
+        )[0][0]
+            .as_deref()
+            == Some("0")
+    });
+    stop(a);
+    stop(b);
+    assert!(
+        settled,
+        "every notification was delivered: {:?} {:?}",
+        db.query("SELECT CAST(COUNT(*) AS TEXT) FROM kw_outbox WHERE dispatched_at IS NULL"),
+        db.query("SELECT status, CAST(attempts AS TEXT), last_error FROM kw_notifications WHERE status <> 'sent'")
+    );
+    let mut changes: Vec<(String, String, String, String)> = db
+        .query("SELECT payload FROM kw_outbox")
+        .into_iter()
+        .map(|r| {
+            let c: Value = serde_json::from_str(r[0].as_deref().unwrap()).unwrap();
+            let f = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (f("fingerprint"), f("started_at"), f("kind"), f("severity"))
+        })
+        .collect();
+    let queued = changes.len();
+    changes.sort();
+    changes.dedup();
+    assert_eq!(changes.len(), queued, "no alert change was queued twice");
+    let quota_fp = db.query(&format!(
+        "SELECT fingerprint FROM kw_alerts WHERE alert_type = 'quota_threshold' AND org_id = '{org}'"
+    ))[0][0]
+        .clone()
+        .unwrap();
+    let quota_changes: Vec<&str> = changes
+        .iter()
+        .filter(|c| c.0 == quota_fp)
+        .map(|c| c.2.as_str())
+        .collect();
+    assert_eq!(
+        quota_changes,
+        ["opened", "severity_raised", "severity_raised"],
+        "75%, 90% and 100%, each once"
+    );
+    let notifications: Vec<String> = db
+        .query("SELECT id FROM kw_notifications")
+        .into_iter()
+        .map(|r| r[0].clone().unwrap().replace('-', ""))
+        .collect();
+    let mut received: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| {
+            let headers = m["headers"].as_array().unwrap();
+            let id = headers
+                .iter()
+                .find(|h| {
+                    h[0].as_str()
+                        .is_some_and(|k| k.eq_ignore_ascii_case("message-id"))
+                })
+                .and_then(|h| h[1].as_str())
+                .expect("a Message-ID");
+            id.trim_matches(['<', '>', ' '])
+                .trim_end_matches("@keywatch")
+                .to_owned()
+        })
+        .collect();
+    let arrived = received.len();
+    eprintln!(
+        "{queued} alert changes queued, {} notifications, {arrived} messages received",
+        notifications.len()
+    );
+    received.sort();
+    received.dedup();
+    let mut sent = notifications.clone();
+    sent.sort();
+    assert_eq!(received, sent, "every notification arrived");
+    assert!(
+        arrived <= notifications.len() + 1,
+        "{arrived} messages for {} notifications",
+        notifications.len()
+    );
 }
 
 #[test]

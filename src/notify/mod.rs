@@ -343,18 +343,75 @@ pub async fn run_delivery(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), crate::store::StoreError> {
     metrics.notify_receivers(receivers.keys().map(String::as_str));
-    let dispatcher =
-        dispatch::Dispatcher::load(store.clone(), Arc::clone(&settings), Arc::clone(&clock))
-            .await?;
-    let sender = send::Sender {
-        store,
-        settings,
-        receivers,
-        clock,
-        metrics,
-    };
-    tokio::join!(dispatcher.run(shutdown.clone()), sender.run(shutdown));
+    while let Some(mut lease) = delivery_lease(&store, &shutdown).await {
+        let this = shutdown.child_token();
+        // Loaded only now: a previous holder may have changed the groups until a moment ago.
+        let dispatcher =
+            dispatch::Dispatcher::load(store.clone(), Arc::clone(&settings), Arc::clone(&clock))
+                .await?;
+        let sender = send::Sender {
+            store: store.clone(),
+            settings: Arc::clone(&settings),
+            receivers: receivers.clone(),
+            clock: Arc::clone(&clock),
+            metrics: metrics.clone(),
+        };
+        let work = async {
+            tokio::join!(dispatcher.run(this.clone()), sender.run(this.clone()));
+        };
+        tokio::pin!(work);
+        let lost = async {
+            loop {
+                tokio::time::sleep(LEASE_CHECK_EVERY).await;
+                if !lease.holds().await {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut work => return Ok(()),
+            _ = lost => {
+                tracing::warn!("Lost the database lock that lets this instance deliver notifications (its connection failed); delivery pauses until it is taken again.");
+                this.cancel();
+                work.await;
+            }
+        }
+    }
     Ok(())
+}
+
+/// How often the delivering instance checks that it still holds the delivery lease, and a
+/// standing-by one tries to take it.
+const LEASE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits for the delivery lease (see [`crate::store::DeliveryLease`]); `None` at shutdown.
+async fn delivery_lease(
+    store: &crate::store::Store,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<crate::store::DeliveryLease> {
+    let mut said = false;
+    loop {
+        match store.try_delivery_lease().await {
+            Ok(Some(lease)) => {
+                if said {
+                    tracing::info!("This instance now delivers the notifications.");
+                }
+                return Some(lease);
+            }
+            Ok(None) if !said => {
+                said = true;
+                tracing::info!(
+                    "Another keywatch instance delivers this database's notifications; this one stands by and takes over if it stops."
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "Could not take the delivery lock; will retry."),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(LEASE_CHECK_EVERY) => {}
+        }
+    }
 }
 
 /// Delivers what the outbox holds now, for batch commands (`ingest --notify`, `demo`): runs the

@@ -18,7 +18,7 @@ pub use alerts::{AlertAction, AlertFilter, BenignPlace, StoredAlert};
 pub use auth_log::{AuthLog, AuthTable, LogRow};
 pub use ingest::{Batch, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
-pub use notify::{OutboxDepth, QueuedNotification, StoredSilence};
+pub use notify::{DeliveryLease, OutboxDepth, QueuedNotification, StoredSilence};
 pub use report::{ActivityRow, SegmentQuery, UsageAggregate};
 
 use std::str::FromStr;

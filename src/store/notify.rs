@@ -91,6 +91,52 @@ macro_rules! insert_changes {
 }
 pub(crate) use insert_changes;
 
+/// The PostgreSQL advisory lock (scoped to keywatch's database) that the delivering instance
+/// holds: "kwnotify" in ASCII.
+const DELIVERY_LOCK: i64 = 0x6b77_6e6f_7469_6679;
+
+/// The right to deliver notifications, held while this lives. With several instances on one
+/// PostgreSQL database, exactly one holds it: the grouping state and the queue of
+/// notifications are one per database, so two deliverers would send twice. It is a session
+/// lock on a connection of its own, so a killed instance's lease ends with its connection and
+/// a standing-by instance takes over. On SQLite (one process per file) it always holds.
+pub struct DeliveryLease {
+    conn: Option<sqlx::PgConnection>,
+}
+
+impl DeliveryLease {
+    /// Whether the lease still holds: its connection answers (a lost connection took the lock
+    /// with it).
+    pub async fn holds(&mut self) -> bool {
+        match &mut self.conn {
+            None => true,
+            Some(c) => sqlx::query("SELECT 1").execute(&mut *c).await.is_ok(),
+        }
+    }
+}
+
+impl Store {
+    /// The delivery lease if no other instance holds it now.
+    pub async fn try_delivery_lease(&self) -> Result<Option<DeliveryLease>, StoreError> {
+        let p = match &self.pool {
+            super::Pool::Sqlite(_) => return Ok(Some(DeliveryLease { conn: None })),
+            super::Pool::Postgres(p) => p,
+        };
+        // Detached: a pooled connection would go back to the pool still holding the lock.
+        let mut conn = p
+            .acquire()
+            .await
+            .context("opening a connection for the delivery lock")?
+            .detach();
+        let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+            .bind(DELIVERY_LOCK)
+            .fetch_one(&mut conn)
+            .await
+            .context("taking the delivery lock")?;
+        Ok(got.then_some(DeliveryLease { conn: Some(conn) }))
+    }
+}
+
 /// A notification waiting for delivery, with how often it was tried.
 #[derive(Debug, Clone)]
 pub struct QueuedNotification {
