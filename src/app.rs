@@ -421,15 +421,14 @@ pub async fn run_daemon(
         detection.notify = Some(change_tracker(&store).await?);
     }
     if let Some((path, required)) = settings.alerts_file.clone() {
-        let (allow_tx, allow_rx) = tokio::sync::watch::channel(settings.detectors.allow.clone());
-        detection.allow_updates = Some(allow_rx);
+        let (detectors_tx, detectors_rx) = tokio::sync::watch::channel(settings.detectors.clone());
+        detection.settings_updates = Some(detectors_rx);
         tokio::spawn(alerts_reload_loop(
             AlertsReload {
                 path,
                 required,
-                detectors: settings.detectors.clone(),
                 notify: notify_tx,
-                allow: allow_tx,
+                detectors: detectors_tx,
             },
             shutdown.child_token(),
         ));
@@ -541,14 +540,13 @@ async fn deliver_reloading(
 struct AlertsReload {
     path: PathBuf,
     required: bool,
-    /// The detector settings in force (they change only at a restart).
-    detectors: crate::detect::Settings,
     notify: tokio::sync::watch::Sender<Option<Notify>>,
-    allow: tokio::sync::watch::Sender<crate::detect::allow::Allowlist>,
+    /// The detector settings in force, with the `[[allow]]` list, for the pipeline.
+    detectors: tokio::sync::watch::Sender<crate::detect::Settings>,
 }
 
 impl AlertsReload {
-    /// Re-reads the file: delivery and `[[allow]]` take effect now. A file that does not check
+    /// Re-reads the file: detector settings, `[[allow]]` and delivery take effect now. A file that does not check
     /// changes nothing, and the log says why.
     fn reload(&mut self) {
         let shown = self.path.display().to_string();
@@ -565,18 +563,14 @@ impl AlertsReload {
                 return;
             }
         };
-        let new = cfg.detector_settings();
-        let same_detectors = crate::detect::Settings {
-            allow: self.detectors.allow.clone(),
-            ..new.clone()
-        } == self.detectors;
-        if !same_detectors {
-            tracing::warn!(file = %shown, "SIGHUP: detector settings changed; they apply at the next restart (delivery and [[allow]] apply now).");
-        }
-        self.detectors.allow = new.allow.clone();
-        self.allow.send_replace(new.allow);
+        self.detectors.send_if_modified(|d| {
+            let new = cfg.detector_settings();
+            let changed = *d != new;
+            *d = new;
+            changed
+        });
         self.notify.send_replace(Some(notify));
-        tracing::info!(file = %shown, "SIGHUP: reloaded alerts.toml (receivers, routes, silences, [[allow]]).");
+        tracing::info!(file = %shown, "SIGHUP: reloaded alerts.toml (detectors, [[allow]], receivers, routes, silences).");
     }
 }
 
@@ -743,7 +737,7 @@ pub async fn build_detection(
         detectors,
         geo,
         notify: None,
-        allow_updates: None,
+        settings_updates: None,
         own_events: None,
     })
 }

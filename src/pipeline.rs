@@ -114,8 +114,9 @@ pub struct Detection {
     pub geo: Option<Arc<GeoHandle>>,
     /// When set, the alert changes worth a notification are queued in the outbox.
     pub notify: Option<ChangeTracker>,
-    /// A new `[[allow]]` list from a reloaded alerts.toml, applied at the next chunk.
-    pub allow_updates: Option<tokio::sync::watch::Receiver<crate::detect::allow::Allowlist>>,
+    /// New detector settings (and `[[allow]]` list) from a reloaded alerts.toml, applied at
+    /// the next chunk.
+    pub settings_updates: Option<tokio::sync::watch::Receiver<crate::detect::Settings>>,
     /// Request-log lines keywatch makes itself, read beside the sources: the HTTP API's
     /// refused credentials (see `api::auth`), so the detectors see attacks on it too.
     pub own_events: Option<mpsc::Receiver<Chunk>>,
@@ -211,9 +212,15 @@ fn queue_change(
     tracker: Option<&mut ChangeTracker>,
     batch: &mut Batch,
     f: &crate::detect::Finding,
+    cache: &KeyCache,
 ) {
     if let Some(kind) = tracker.and_then(|t| t.observe(f)) {
-        batch.changes.push(AlertChange::from_finding(kind, f));
+        let mut c = AlertChange::from_finding(kind, f);
+        c.key_name = f.key_id.and_then(|k| cache.key(&k)).map(|k| {
+            let name = crate::notify::render::header_safe(&k.name, 80);
+            redact_keys(&name).unwrap_or(name)
+        });
+        batch.changes.push(c);
     }
 }
 
@@ -274,12 +281,13 @@ impl Pipeline {
     pub fn process(&mut self, chunk: &Chunk) {
         let cache = self.keys.get();
         if let Some(d) = self.detection.as_mut()
-            && let Some(rx) = d.allow_updates.as_mut()
+            && let Some(rx) = d.settings_updates.as_mut()
             && rx.has_changed().unwrap_or(false)
         {
-            let allow = rx.borrow_and_update().clone();
-            if let Some(loc) = d.detectors.location.as_mut() {
-                loc.set_allowlist(allow);
+            let settings = rx.borrow_and_update().clone();
+            let rebuilt = d.detectors.reconfigure(&settings);
+            if !rebuilt.is_empty() {
+                tracing::info!(detectors = %rebuilt.join(", "), "Detector settings reloaded; these detectors start over with what they had learned.");
             }
         }
         // Once per chunk: a database swapped in by a reload applies from the next chunk.
@@ -398,7 +406,7 @@ impl Pipeline {
                 };
                 for f in d.detectors.observe(&obs, &ctx) {
                     self.stats.alerts.insert(f.fingerprint());
-                    queue_change(self.changes.as_mut(), &mut self.batch, &f);
+                    queue_change(self.changes.as_mut(), &mut self.batch, &f, &cache);
                     self.batch.findings.push(f);
                 }
             }
@@ -409,7 +417,7 @@ impl Pipeline {
         if let (Some(d), Some(w)) = (self.detection.as_mut(), self.watermark) {
             for f in d.detectors.tick(w) {
                 self.stats.alerts.insert(f.fingerprint());
-                queue_change(self.changes.as_mut(), &mut self.batch, &f);
+                queue_change(self.changes.as_mut(), &mut self.batch, &f, &cache);
                 self.batch.findings.push(f);
             }
         }
@@ -689,7 +697,7 @@ impl Pipeline {
             .collect();
         for f in found {
             self.stats.alerts.insert(f.fingerprint());
-            queue_change(self.changes.as_mut(), &mut self.batch, &f);
+            queue_change(self.changes.as_mut(), &mut self.batch, &f, &cache);
             self.batch.findings.push(f);
             self.pending_lines = self.pending_lines.max(1);
         }

@@ -998,6 +998,49 @@ fn sighup_reloads_alerts_toml_and_keeps_it_when_the_new_one_is_bad() {
         read(&log)
     );
     assert!(!read(&a).contains("175.16.199.1"));
+    // Detector thresholds apply at once too: 60 failures from one address no longer make a
+    // burst once the threshold is 1000 (and the prefix rule is off).
+    std::fs::write(
+        &cfg,
+        format!(
+            "[detectors.auth]\nfailures = 1000\ndistinct_prefixes = 128\nper_prefix = false\n\n{}",
+            mbox_config(&b)
+        ),
+    )
+    .unwrap();
+    hup();
+    assert!(
+        wait_until(Duration::from_secs(20), || read(&log)
+            .matches("reloaded alerts.toml")
+            .count()
+            == 2),
+        "{}",
+        read(&log)
+    );
+    // The pipeline takes the new settings with the next lines it reads.
+    append(probe_lines(&["89.160.20.128"], 13));
+    // Four bursts of 60 lines: wait until all of them are committed.
+    let committed = || {
+        db.query("SELECT CAST(line_no AS TEXT) FROM kw_checkpoints")
+            .first()
+            .and_then(|r| r[0].as_deref()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(30), || committed() >= 240));
+    let text = read(&log);
+    assert!(
+        text.contains("detectors=auth"),
+        "the auth detector was rebuilt: {text}"
+    );
+    assert!(
+        db.query("SELECT fingerprint FROM kw_alerts WHERE source_ip = '89.160.20.128'")
+            .is_empty(),
+        "no burst under the new threshold"
+    );
+    assert!(
+        !read(&b).contains("89.160.20.128"),
+        "no burst under the new threshold"
+    );
     stop(daemon);
 }
 

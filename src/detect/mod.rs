@@ -701,6 +701,8 @@ impl Settings {
 /// Every detector, each present when enabled in its settings (fields as in [`Settings`]).
 /// Findings come out in a fixed detector order, so the output is deterministic.
 pub struct Detectors {
+    /// The settings they were built with (see [`Detectors::reconfigure`]).
+    settings: Settings,
     pub rate: Option<rate::RateDetector>,
     pub location: Option<location::LocationDetector>,
     pub errors: Option<errors::ErrorDetector>,
@@ -715,6 +717,7 @@ impl Detectors {
     /// Builds the enabled detectors.
     pub fn new(s: &Settings) -> Detectors {
         Detectors {
+            settings: s.clone(),
             rate: s
                 .rate
                 .enabled
@@ -747,6 +750,44 @@ impl Detectors {
                 .enabled
                 .then(|| secrets::SecretDetector::new(s.secrets.clone())),
         }
+    }
+
+    /// Applies new settings (alerts.toml reloaded): a detector whose settings changed is built
+    /// anew and takes back what it had learned (as across a restart: its open episodes start
+    /// over), the others carry on untouched, and a new `[[allow]]` list applies at once.
+    /// Returns the names of the detectors rebuilt.
+    pub fn reconfigure(&mut self, s: &Settings) -> Vec<&'static str> {
+        let learned = self.save_state();
+        let mut fresh = Detectors::new(s);
+        let old = std::mem::replace(&mut self.settings, s.clone());
+        let mut rebuilt = Vec::new();
+        macro_rules! keep {
+            ($($field:ident),*) => {$(
+                if old.$field == s.$field {
+                    fresh.$field = self.$field.take();
+                } else {
+                    rebuilt.push(stringify!($field));
+                }
+            )*};
+        }
+        keep!(
+            rate, location, errors, auth, lifecycle, quota, exposure, secrets
+        );
+        for (name, json) in learned {
+            if rebuilt.contains(&name)
+                && let Err(e) = fresh.restore_state(name, &json)
+            {
+                tracing::warn!(detector = name, error = %e, "What the detector had learned does not fit its new settings; it starts over.");
+            }
+        }
+        if let Some(loc) = fresh.location.as_mut()
+            && old.allow != s.allow
+        {
+            loc.set_allowlist(s.allow.clone());
+        }
+        fresh.settings = s.clone();
+        *self = fresh;
+        rebuilt
     }
 
     /// What the detectors have learned that takes days to learn again: the rate baselines

@@ -326,6 +326,7 @@ mod tests {
             severity: sev,
             key_id: Some(key.into()),
             key_prefix: None,
+            key_name: None,
             org_id: Some("org1".into()),
             source_ip: None,
             started_at: t0(),

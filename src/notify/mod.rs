@@ -69,6 +69,10 @@ pub struct AlertChange {
     pub severity: Severity,
     pub key_id: Option<String>,
     pub key_prefix: Option<String>,
+    /// The key's name in the key tables (redacted of anything that looks like a key), for
+    /// people: subjects say `key "ci-deploy" (pmcp_...)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
     pub org_id: Option<String>,
     pub source_ip: Option<String>,
     /// Event time of the episode's first evidence.
@@ -90,6 +94,7 @@ impl AlertChange {
             severity: f.severity,
             key_id: f.key_id.map(|k| k.to_string()),
             key_prefix: f.key_prefix.clone(),
+            key_name: None,
             org_id: f.org_id.map(|o| o.to_string()),
             source_ip: f.source_ip.map(|ip| ip.to_string()),
             started_at: f.started_at,
@@ -498,6 +503,7 @@ pub(crate) mod test_support {
             severity: sev,
             key_id: Some("k1".into()),
             key_prefix: Some("pmcp_k1".into()),
+            key_name: None,
             org_id: Some("o".into()),
             source_ip: None,
             started_at: chrono::Utc::now(),

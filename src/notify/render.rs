@@ -55,6 +55,7 @@ fn text_safe(s: &str) -> String {
 
 fn subject_of(a: &AlertChange) -> String {
     match (&a.key_prefix, &a.key_id) {
+        (Some(p), _) if let Some(n) = &a.key_name => format!("key \"{n}\" ({p}...)"),
         (Some(p), _) => format!("key {p}"),
         (None, Some(k)) => format!("key {k}"),
         _ => a
@@ -308,6 +309,7 @@ mod tests {
             severity: Severity::High,
             key_id: Some("k".into()),
             key_prefix: Some("pmcp_<b>evil\r\nBcc: x@evil.test".into()),
+            key_name: None,
             org_id: Some("o".into()),
             source_ip: None,
             started_at: Utc::now(),
@@ -315,6 +317,32 @@ mod tests {
             summary: "used from a browser: <script>alert(1)</script> \"Mozilla\" & co".into(),
             evidence: serde_json::json!({"top": [["<img src=x onerror=alert(1)>", 3]], "method": "origin"}),
         }
+    }
+
+    #[test]
+    fn the_subject_names_the_key_and_its_prefix() {
+        let mut a = hostile();
+        a.key_prefix = Some("pmcp_01ab2c3d4e5f6a7b".into());
+        a.key_name = Some("ci-deploy".into());
+        a.alert_type = "impossible_travel".into();
+        let d = Draft {
+            receiver: "email".into(),
+            route: String::new(),
+            group_key: "g".into(),
+            labels: vec![],
+            new: vec![a],
+            still_firing: vec![],
+            resolved: vec![],
+            digest_of: 0,
+        };
+        let n = render(&d, Utc::now());
+        assert!(
+            n.subject.starts_with(
+                "[keywatch] HIGH impossible travel: key \"ci-deploy\" (pmcp_01ab2c3d4e5f6a7b...)"
+            ),
+            "{}",
+            n.subject
+        );
     }
 
     #[test]

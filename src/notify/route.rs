@@ -173,6 +173,7 @@ mod tests {
             severity: sev,
             key_id: Some(key.into()),
             key_prefix: Some(format!("pmcp_{key}")),
+            key_name: None,
             org_id: Some("org1".into()),
             source_ip: None,
             started_at: chrono::Utc::now(),
