@@ -334,6 +334,14 @@ fn kill_9_while_http_clients_push_and_retry() {
                 == lines.len() as u64),
             "every push acknowledged in the end"
         );
+        // A push sent again after its answer came is a duplicate too.
+        let (status, v) = push(&addr, "crash-batch-0", &batches[0]).expect("answered");
+        assert_eq!(
+            (status, &v["data"]["duplicate"]),
+            (200, &Value::Bool(true)),
+            "{v}"
+        );
+        assert_eq!(v["data"]["accepted"], 0, "{v}");
         stop(last);
     });
     eprintln!(
@@ -631,8 +639,10 @@ expires = 2099-01-01T00:00:00Z
         ),
     )
     .unwrap();
-    let mut lines = simulated(&db, 5_000, 67);
-    lines.extend(probe("89.160.20.112"));
+    // The probe first (its alert is the message), then simulated traffic, the last of it
+    // appended just before the signal.
+    let mut lines = probe("89.160.20.112");
+    lines.extend(simulated(&db, 5_000, 67));
     let log = db.path("requests.log");
     append(&log, &lines[..4_000]);
     let addr = local_addr();
@@ -710,6 +720,7 @@ fn queued_alerts_survive_a_kill(db: TestDb) {
     if !python_module("aiosmtpd", "aiosmtpd", "receiver outage tests") {
         return;
     }
+    kw_ok(&db, &["migrate"]);
     let (down_port, failing_port) = (free_port(), free_port());
     let (mail_slow, hook_slow) = (BlackHole::new(), BlackHole::new());
     let (mail_slow_port, hook_slow_port) = (mail_slow.port, hook_slow.port);

@@ -243,11 +243,26 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[test]
-fn soak_memory_stays_flat_and_minutes_are_pruned() {
+/// What the RSS of the second half may add to the RSS at the half, in KiB. Measured (200
+/// keys, 6 h, 300,000 lines): on PostgreSQL, +6 MiB at most, with swings of ±5 MiB from the
+/// allocator; on SQLite, up to +16 MiB more, which is its page cache filling: each of the
+/// pool's 4 connections caches up to 64 MiB of the database file, so SQLite is allowed four
+/// times the file's size on top (that memory is bounded by the file, not by time).
+fn rss_tolerance_kib(db: &TestDb) -> u64 {
+    let base = 16 * 1024;
+    match db.backend {
+        Backend::Postgres => base,
+        Backend::Sqlite => {
+            let size = |name: &str| std::fs::metadata(db.path(name)).map_or(0, |m| m.len());
+            let file_kib = (size("keywatch.db") + size("keywatch.db-wal")) / 1024;
+            base + 4 * file_kib.min(64 * 1024)
+        }
+    }
+}
+
+fn soak(db: TestDb) {
     let hours = env_or("KEYWATCH_SOAK_HOURS", 6);
     let lines = env_or("KEYWATCH_SOAK_LINES", 300_000);
-    let db = TestDb::new(Backend::Sqlite).unwrap();
     let log = db.path("soak.log");
     simulate(
         &db,
@@ -323,14 +338,15 @@ fn soak_memory_stays_flat_and_minutes_are_pruned() {
     let peak = half.iter().map(|(_, rss)| *rss).max().unwrap();
     let first_peak = samples.iter().map(|(_, rss)| *rss).max().unwrap();
     eprintln!(
-        "soak: {lines} lines, {hours} h simulated, read in {took:?}; RSS at half {} MiB, peak of the second half {} MiB (+{} KiB), peak overall {} MiB, {} samples",
+        "soak on {:?}: {lines} lines, {hours} h simulated, read in {took:?}; RSS at half {} MiB, peak of the second half {} MiB (+{} KiB), peak overall {} MiB, {} samples",
+        db.backend,
         at_half / 1024,
         peak / 1024,
         peak.saturating_sub(at_half),
         first_peak / 1024,
         samples.len()
     );
-    let tolerance_kib = (at_half / 20).max(16 * 1024);
+    let tolerance_kib = rss_tolerance_kib(&db);
     assert!(
         peak <= at_half + tolerance_kib,
         "RSS grew by {} KiB in the second half (tolerance {tolerance_kib} KiB): {samples:?}",
@@ -348,4 +364,16 @@ fn soak_memory_stays_flat_and_minutes_are_pruned() {
     let (by_key, by_org) = oracle(&log);
     assert_eq!(reported(&db, "key"), by_key);
     assert_eq!(reported(&db, "org"), by_org);
+}
+
+#[test]
+fn soak_on_sqlite() {
+    soak(TestDb::new(Backend::Sqlite).unwrap());
+}
+
+#[test]
+fn soak_on_postgres() {
+    if let Some(db) = TestDb::new(Backend::Postgres) {
+        soak(db);
+    }
 }
