@@ -72,22 +72,11 @@ fn simulated(db: &TestDb, n: u64, seed: u64) -> Vec<String> {
         .collect()
 }
 
-fn append(path: &Path, lines: &[String]) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    for l in lines {
-        writeln!(f, "{l}").unwrap();
-    }
-}
-
 /// Writes `lines` to `name` in the test's directory; returns its path.
 fn write_lines(db: &TestDb, name: &str, lines: &[String]) -> PathBuf {
     let p = db.path(name);
     let _ = std::fs::remove_file(&p);
-    append(&p, lines);
+    append_lines(&p, lines);
     p
 }
 
@@ -143,6 +132,15 @@ fn assert_exact(db: &TestDb, lines: &[String]) {
         by_org,
         "usage per organization equals the input"
     );
+}
+
+/// The last start after the kills: `start` must count every one of `lines`, once, and stop
+/// cleanly.
+fn last_start(db: &TestDb, lines: &[String], start: impl FnOnce() -> KillOnDrop) {
+    let last = start();
+    settles_at(db, lines.len() as u64);
+    stop(last);
+    assert_exact(db, lines);
 }
 
 /// What the kills of one test saw.
@@ -204,17 +202,16 @@ fn kill_9_while_run_follows_a_file() {
         &db,
         &mut rng,
         |i| {
-            append(&log, parts[i]);
+            append_lines(&log, parts[i]);
             fed += parts[i].len() as u64;
             fed
         },
         || daemon(&db, "127.0.0.1:0", &["--source", &source]),
     );
-    append(&log, parts[KILLS]);
-    let last = daemon(&db, "127.0.0.1:0", &["--source", &source]);
-    settles_at(&db, lines.len() as u64);
-    stop(last);
-    assert_exact(&db, &lines);
+    append_lines(&log, parts[KILLS]);
+    last_start(&db, &lines, || {
+        daemon(&db, "127.0.0.1:0", &["--source", &source])
+    });
 }
 
 #[test]
@@ -240,13 +237,13 @@ fn kill_9_during_ingest_restarts() {
         &db,
         &mut rng,
         |i| {
-            append(&log, parts[i]);
+            append_lines(&log, parts[i]);
             fed += parts[i].len() as u64;
             fed
         },
         ingest,
     );
-    append(&log, parts[KILLS]);
+    append_lines(&log, parts[KILLS]);
     kw_ok(&db, &["ingest", "--no-progress", log.to_str().unwrap()]);
     assert_eq!(total_requests(&db), lines.len() as u64);
     assert_exact(&db, &lines);
@@ -373,10 +370,9 @@ fn kill_9_while_consuming_nats() {
         daemon(&db, &local_addr(), &["--source", &source])
     });
     publish(KILLS);
-    let last = daemon(&db, &local_addr(), &["--source", &source]);
-    settles_at(&db, lines.len() as u64);
-    stop(last);
-    assert_exact(&db, &lines);
+    last_start(&db, &lines, || {
+        daemon(&db, &local_addr(), &["--source", &source])
+    });
 }
 
 #[test]
@@ -415,10 +411,7 @@ fn kill_9_while_reading_the_auth_servers_tables() {
         daemon(&db, &local_addr(), &args)
     });
     insert(KILLS);
-    let last = daemon(&db, &local_addr(), &args);
-    settles_at(&db, lines.len() as u64);
-    stop(last);
-    assert_exact(&db, &lines);
+    last_start(&db, &lines, || daemon(&db, &local_addr(), &args));
 }
 
 #[test]
@@ -644,7 +637,7 @@ expires = 2099-01-01T00:00:00Z
     let mut lines = probe("89.160.20.112");
     lines.extend(simulated(&db, 5_000, 67));
     let log = db.path("requests.log");
-    append(&log, &lines[..4_000]);
+    append_lines(&log, &lines[..4_000]);
     let addr = local_addr();
     let args = [
         "--alerts",
@@ -660,7 +653,7 @@ expires = 2099-01-01T00:00:00Z
         "the message reached the server"
     );
     // Lines read just before the signal: the stop, not the periodic commit, must commit them.
-    append(&log, &lines[4_000..]);
+    append_lines(&log, &lines[4_000..]);
     let read = |want: u64| {
         get(&addr, "/metrics", "text/plain").is_some_and(|(_, _, body)| {
             body.lines()

@@ -582,3 +582,15 @@ impl Drop for TestStream {
         });
     }
 }
+
+/// Appends `lines` to the file at `path` (created if missing), each ending in a newline.
+pub fn append_lines(path: &Path, lines: &[String]) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+}
