@@ -305,7 +305,17 @@ pub struct DaemonSettings {
     pub http: Option<HttpSettings>,
     /// The postgres source's settings, when `sources` has `postgres`.
     pub postgres: Option<crate::source::postgres::PostgresOptions>,
+    /// How long usage rollup rows are kept.
+    pub retention: crate::store::Retention,
+    /// How often rows past their retention are deleted (and once at start).
+    pub retention_interval: Duration,
+    /// How long a stop may take, from the signal to the exit.
+    pub shutdown_timeout: Duration,
 }
+
+/// How long the HTTP source remembers a push's `Idempotency-Key`: a client that resends a
+/// committed push within this time has it answered as a duplicate, not counted again.
+pub const PUSH_IDS_KEPT: Duration = Duration::from_secs(7 * 86_400);
 
 /// Alert delivery for `alerts`: its settings and receivers, with the environment read and
 /// relative mailboxes in `dir`.
@@ -383,7 +393,7 @@ pub async fn run_daemon(
             .http
             .clone()
             .context("--source http needs --ingest-token-sha256")?;
-        ctx.http = Some(HttpIngest::new(http));
+        ctx.http = Some(HttpIngest::new(http, Some(store.clone())));
         tracing::info!(listen = %settings.listen, "Taking pushed lines on POST /v1/ingest.");
     }
     let (refused_tx, refused_rx) = mpsc::channel::<Chunk>(api::auth::REFUSED_EVENTS_QUEUE);
@@ -403,6 +413,13 @@ pub async fn run_daemon(
         shutdown.child_token(),
     ));
     spawn_signal_handlers(Arc::clone(&keys), shutdown.clone());
+    let overdue = overdue_after(&shutdown, settings.shutdown_timeout);
+    tokio::spawn(retention_loop(
+        store.clone(),
+        settings.retention,
+        settings.retention_interval,
+        shutdown.child_token(),
+    ));
     // Delivery stops last: after reading stopped and the last batch (and its outbox rows)
     // was committed.
     let delivery_stop = CancellationToken::new();
@@ -444,7 +461,7 @@ pub async fn run_daemon(
             .unwrap_or(chrono::Duration::minutes(5)),
         ..PipelineOptions::default()
     };
-    let (stats, source_err) = run_sources_in(
+    let reading = run_sources_in(
         &store,
         keys,
         &metrics,
@@ -455,29 +472,111 @@ pub async fn run_daemon(
         None,
         Some(detection),
         &ctx,
-    )
-    .await?;
-    delivery_stop.cancel();
-    if let Some(d) = delivery
-        && let Err(e) = d.await
-    {
-        tracing::warn!(error = %e, "The alert delivery task failed.");
-    }
+    );
+    let (stats, source_err) = tokio::select! {
+        r = reading => r?,
+        () = overdue.cancelled() => anyhow::bail!(
+            "could not commit what was read within --shutdown-timeout {}; the sources resume from the last commit at the next start (lines read from stdin since then are lost)",
+            shown_secs(settings.shutdown_timeout)
+        ),
+    };
     tracing::info!(
         accepted = stats.accepted,
         rejected = stats.rejected_total(),
         "Stopped reading; counts committed."
     );
+    // Reading may also have ended on its own (a source failed): stop everything else now.
     shutdown.cancel();
+    delivery_stop.cancel();
+    if let Some(d) = delivery {
+        let finished = within(&overdue, d, "Stopped with a notification unconfirmed by its server; it stays queued and is sent again at the next start, with the same Message-ID.").await;
+        if let Some(Err(e)) = finished {
+            tracing::warn!(error = %e, "The alert delivery task failed.");
+        }
+    }
     let _ = refresher.await;
-    match http.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "The HTTP server stopped with an error."),
-        Err(e) => tracing::warn!(error = %e, "The HTTP server task failed."),
-        Ok(Ok(())) => {}
+    let served = within(
+        &overdue,
+        http,
+        "Stopped with HTTP requests still open; their clients get no answer.",
+    )
+    .await;
+    match served {
+        Some(Ok(Err(e))) => tracing::warn!(error = %e, "The HTTP server stopped with an error."),
+        Some(Err(e)) => tracing::warn!(error = %e, "The HTTP server task failed."),
+        Some(Ok(Ok(()))) | None => {}
     }
     match source_err {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// A token cancelled `timeout` after `shutdown` is: the moment a stop has taken too long.
+fn overdue_after(shutdown: &CancellationToken, timeout: Duration) -> CancellationToken {
+    let overdue = CancellationToken::new();
+    let (shutdown, fire) = (shutdown.clone(), overdue.clone());
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tokio::time::sleep(timeout).await;
+        fire.cancel();
+    });
+    overdue
+}
+
+/// Waits for `task` until `overdue`; then aborts it and logs `abandoned`.
+async fn within<T>(
+    overdue: &CancellationToken,
+    mut task: tokio::task::JoinHandle<T>,
+    abandoned: &str,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    tokio::select! {
+        r = &mut task => Some(r),
+        () = overdue.cancelled() => {
+            task.abort();
+            tracing::warn!("{abandoned}");
+            None
+        }
+    }
+}
+
+/// `d` in whole seconds, as the duration flags are written.
+fn shown_secs(d: Duration) -> String {
+    format!("{}s", d.as_secs())
+}
+
+/// Deletes usage rows past their retention at start and then every `every`, until
+/// `shutdown`. A failure is logged and tried again at the next pass: it costs disk, not data.
+async fn retention_loop(
+    store: Store,
+    retention: crate::store::Retention,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let pass = store.prune(&retention, PUSH_IDS_KEPT, chrono::Utc::now());
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = pass => r,
+        };
+        match result {
+            Ok(p) if p.rollup_rows() + p.push_ids > 0 => tracing::info!(
+                minute_rows = p.minute_rows,
+                hour_rows = p.hour_rows,
+                day_rows = p.day_rows,
+                push_ids = p.push_ids,
+                reference = ?p.reference,
+                "Pruned usage past its retention."
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not prune old usage rows; will try again at the next pass.")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
     }
 }
 

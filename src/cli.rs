@@ -230,6 +230,69 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub sources_opts: SourceArgs,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+
+    /// How long a stop (SIGTERM, Ctrl-C) may take: reading stops at once, what was read is
+    /// committed, and notifications being sent get the rest of this time; one still unanswered
+    /// then stays queued and is sent again at the next start, with the same Message-ID.
+    #[arg(
+        long,
+        env = "KEYWATCH_SHUTDOWN_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub shutdown_timeout: std::time::Duration,
+}
+
+/// How long `run` keeps usage rollup rows, and how often it deletes older ones. Ages are
+/// counted from the newest counted minute (at most from now), so a replayed or backfilled log
+/// is kept as long as live traffic would be.
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// How long minute buckets are kept; a report of an older range is exact when the range
+    /// starts and ends on whole hours.
+    #[arg(
+        long,
+        env = "KEYWATCH_RETAIN_MINUTE_BUCKETS",
+        default_value = "7d",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub retain_minute_buckets: std::time::Duration,
+
+    /// How long hour buckets are kept; a report of an older range is exact when the range
+    /// starts and ends on whole days (UTC).
+    #[arg(
+        long,
+        env = "KEYWATCH_RETAIN_HOUR_BUCKETS",
+        default_value = "90d",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub retain_hour_buckets: std::time::Duration,
+
+    /// How long day buckets are kept (older usage is gone from every report).
+    #[arg(
+        long,
+        env = "KEYWATCH_RETAIN_DAY_BUCKETS",
+        default_value = "2y",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub retain_day_buckets: std::time::Duration,
+
+    /// How often old rows are deleted: once at start, then at this interval.
+    #[arg(
+        long,
+        env = "KEYWATCH_RETENTION_INTERVAL",
+        default_value = "1h",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub retention_interval: std::time::Duration,
 }
 
 /// Settings of the HTTP, NATS and PostgreSQL sources.

@@ -55,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 &args.api.admin_token_sha256,
                 args.api.api_auth_failures_per_minute,
             )?;
+            let retention = retention(&args.retention)?;
             let store = Store::open(&g.database_url).await?;
             let http = http_settings(&args.sources_opts, &sources)?;
             let postgres = postgres_options(&args.sources_opts, &sources, &g.database_url)?;
@@ -77,6 +78,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     top_mcps: args.metrics_top_mcps as usize,
                     idle_expiry: args.metrics_idle_expiry,
                 },
+                retention,
+                retention_interval: args.retention.retention_interval,
+                shutdown_timeout: args.shutdown_timeout,
             };
             app::run_daemon(store, settings, CancellationToken::new()).await
         }
@@ -411,6 +415,19 @@ fn postgres_options(
 }
 
 /// The HTTP source's settings, when `sources` has it (which then needs a token).
+/// The retention flags, checked against what reports need.
+fn retention(args: &crate::cli::RetentionArgs) -> anyhow::Result<crate::store::Retention> {
+    if args.retention_interval < std::time::Duration::from_secs(1) {
+        bail!("--retention-interval must be at least 1s");
+    }
+    Ok(crate::store::Retention {
+        minute: args.retain_minute_buckets,
+        hour: args.retain_hour_buckets,
+        day: args.retain_day_buckets,
+    }
+    .validate()?)
+}
+
 fn http_settings(
     args: &crate::cli::SourceArgs,
     sources: &[SourceSpec],

@@ -33,7 +33,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(keywatch::commands::run(cli)) {
+    let result = runtime.block_on(keywatch::commands::run(cli));
+    // Dropping the runtime would wait for every blocking read, and a read of a quiet stdin
+    // never returns: a stopped daemon reading a pipe would hang instead of exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keywatch: {}", chain(&e));

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -32,17 +31,6 @@ fn unsafe_kill(pid: u32, signal: &str) {
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
         .status();
-}
-
-fn append(path: &Path, lines: &[String]) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    for l in lines {
-        writeln!(f, "{l}").unwrap();
-    }
 }
 
 fn generated_lines(db: &TestDb, n: u64, seed: &str) -> Vec<String> {
@@ -78,16 +66,16 @@ fn follows_rotation(db: TestDb) {
         &lines[2500..3500],
         &lines[3500..],
     ];
-    append(&log, parts[0]);
+    append_lines(&log, parts[0]);
     let daemon = start_daemon(&db, &log);
     assert_settles_at(&db, 1000);
 
     // Rename-rotation: the writer appends to the renamed file before opening a new one.
-    append(&log, parts[1]);
+    append_lines(&log, parts[1]);
     let rotated = db.path("app.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    append(&rotated, parts[2]);
-    append(&log, parts[3]);
+    append_lines(&rotated, parts[2]);
+    append_lines(&log, parts[3]);
     assert_settles_at(&db, 3500);
 
     // Copy-truncate (as logrotate's copytruncate does), once keywatch has caught up.
@@ -97,7 +85,7 @@ fn follows_rotation(db: TestDb) {
         .truncate(true)
         .open(&log)
         .unwrap();
-    append(&log, parts[4]);
+    append_lines(&log, parts[4]);
     assert_settles_at(&db, 5000);
     stop(daemon);
 
@@ -185,7 +173,7 @@ fn sigterm_exits_cleanly_and_commits() {
     let db = TestDb::new(Backend::Sqlite).unwrap();
     let lines = generated_lines(&db, 2_000, "13");
     let log = db.path("t.log");
-    append(&log, &lines);
+    append_lines(&log, &lines);
     let mut daemon = start_daemon(&db, &log);
     assert_settles_at(&db, 2_000);
     unsafe_kill(daemon.id(), "TERM");

@@ -16,56 +16,6 @@ use common::smtp::*;
 use common::*;
 use serde_json::Value;
 
-const SERVER: &str = "127.0.0.1:4222";
-
-/// A stream of the test's own (name and subject prefix), deleted when the test ends.
-struct TestStream {
-    name: String,
-    subject: String,
-}
-
-impl TestStream {
-    /// `None` (with a note) when no NATS server answers; under CI that is a failure.
-    fn new() -> Option<TestStream> {
-        if std::net::TcpStream::connect_timeout(&SERVER.parse().unwrap(), Duration::from_secs(2))
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").is_err(),
-                "CI is set but no NATS server answers at {SERVER}: the NATS tests must run"
-            );
-            eprintln!("skipped: NATS test (no NATS JetStream server at {SERVER})");
-            return None;
-        }
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        Some(TestStream {
-            name: format!("KW_TEST_{}", id.to_uppercase()),
-            subject: format!("kwtest.{id}"),
-        })
-    }
-
-    /// The URL `--source` and `publish --nats` take, with `query` appended.
-    fn url(&self, query: &str) -> String {
-        format!(
-            "nats://{SERVER}?stream={}&subject={}{query}",
-            self.name, self.subject
-        )
-    }
-}
-
-impl Drop for TestStream {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::panic::catch_unwind(move || {
-            block_on(async move {
-                if let Ok(c) = async_nats::connect(SERVER).await {
-                    let _ = async_nats::jetstream::new(c).delete_stream(&name).await;
-                }
-            })
-        });
-    }
-}
-
 fn start(db: &TestDb, source: &str) -> Child {
     start_with(db, source, &[])
 }
@@ -88,20 +38,6 @@ fn stop(mut child: Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
-}
-
-fn publish(db: &TestDb, stream: &TestStream, partitions: u32, file: &std::path::Path) {
-    kw_ok(
-        db,
-        &[
-            "publish",
-            "--nats",
-            &stream.url(""),
-            "--partitions",
-            &partitions.to_string(),
-            file.to_str().unwrap(),
-        ],
-    );
 }
 
 /// Simulates `n` lines (and their keys) once, and splits them after `at` into two files;
@@ -147,8 +83,8 @@ fn a_published_file_is_counted_once_across_a_restart() {
         "not json\n{\"created_at\":\"2026-11-20T12:00:00Z\"}\n",
     )
     .unwrap();
-    publish(&db, &stream, 4, &log);
-    publish(&db, &stream, 4, &db.path("bad.log"));
+    stream.publish(&db, 4, &log);
+    stream.publish(&db, 4, &db.path("bad.log"));
     let (by_key, by_org) = oracle(&log);
 
     let daemon = start(&db, &stream.url("&partitions=0-3&of=4"));
@@ -165,7 +101,7 @@ fn a_published_file_is_counted_once_across_a_restart() {
 
     // Restarted: the durable consumers and checkpoints resume; nothing is read twice, and
     // what was published meanwhile is counted.
-    publish(&db, &stream, 4, &more);
+    stream.publish(&db, 4, &more);
     let daemon = start(&db, &stream.url("&partitions=0-3&of=4"));
     assert_settles_at(&db, 5700);
     stop(daemon);
@@ -241,7 +177,7 @@ group_interval = "1s"
         "UPDATE organizations SET custom_max_requests_monthly = {org_total} WHERE id = '{org}'"
     ));
 
-    publish(&db, &stream, 8, &first);
+    stream.publish(&db, 8, &first);
     let low = stream.url("&partitions=0-3&of=8");
     let high = stream.url("&partitions=4-7&of=8");
     let deliver = ["--alerts", alerts.to_str().unwrap()];
@@ -256,7 +192,7 @@ group_interval = "1s"
     a.kill().expect("SIGKILL");
     let _ = a.wait();
     let at_kill = total_requests(&db);
-    publish(&db, &stream, 8, &second);
+    stream.publish(&db, 8, &second);
     std::thread::sleep(Duration::from_secs(1));
     let a = start_with(&db, &low, &deliver);
     assert_settles_at(&db, total);
@@ -385,7 +321,7 @@ fn partition_takeover_needs_only_the_partitions_flag() {
         &["--keys", "12", "--lines", "3000", "--seed", "41"],
     );
     let (by_key, _) = oracle(&log);
-    publish(&db, &stream, 8, &log);
+    stream.publish(&db, 8, &log);
     let a = start(&db, &stream.url("&partitions=0-3&of=8"));
     assert!(wait_until(Duration::from_secs(60), || total_requests(&db) > 0));
     stop(a);

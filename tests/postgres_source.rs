@@ -12,52 +12,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const AUTH_TABLES: &str = "
-CREATE TABLE mcp_request_log (
-    request_id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
-    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    organization_id UUID, api_key_id UUID, user_id UUID, tenant_id UUID, session_id UUID,
-    mcp_server_name TEXT, endpoint_path TEXT, http_method TEXT, http_status_code INTEGER,
-    request_size_bytes INTEGER, response_size_bytes INTEGER, latency_ms INTEGER,
-    tokens_used INTEGER, source_ip TEXT, user_agent TEXT, error_message TEXT, error_code TEXT,
-    rate_limit_hit BOOLEAN DEFAULT false, quota_exceeded BOOLEAN DEFAULT false,
-    metadata JSONB DEFAULT '{}', processed_at TIMESTAMPTZ
-);
-CREATE INDEX idx_mcp_request_log_created_at ON mcp_request_log (created_at);
-CREATE TABLE auth_audit_log (
-    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
-    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    event_type VARCHAR(50) NOT NULL, severity VARCHAR(20) NOT NULL DEFAULT 'info',
-    user_id UUID, ip_address TEXT, user_agent TEXT, auth_method VARCHAR(50),
-    metadata JSONB NOT NULL DEFAULT '{}'
-);
-";
-
-/// Inserts request-log lines as the auth server would have written them: a line with a key
-/// as an `mcp_request_log` row, a refused key as a `login_failed` audit row.
-fn insert(db: &TestDb, lines: &[Value]) {
-    let (requests, refused): (Vec<&Value>, Vec<&Value>) =
-        lines.iter().partition(|v| v["api_key_id"].is_string());
-    if !requests.is_empty() {
-        let json = serde_json::to_string(&requests).unwrap();
-        db.exec(&format!(
-            "INSERT INTO mcp_request_log SELECT * FROM json_populate_recordset(NULL::mcp_request_log, $kw${json}$kw$)"
-        ));
-    }
-    for v in refused {
-        let meta = serde_json::json!({
-            "key_prefix": v["key_prefix"], "reason": "key_not_found", "endpoint": "mcp_proxy"
-        });
-        db.exec(&format!(
-            "INSERT INTO auth_audit_log (id, created_at, event_type, severity, ip_address, user_agent, auth_method, metadata) \
-             VALUES ('{}', '{}', 'login_failed', 'warning', {}, 't', 'api_key', $kw${meta}$kw$)",
-            v["request_id"].as_str().unwrap(),
-            v["created_at"].as_str().unwrap(),
-            v["source_ip"].as_str().map_or("NULL".into(), |s| format!("'{s}'")),
-        ));
-    }
-}
-
 /// The daemon, killed when the test ends (also when it fails).
 struct Daemon(Child);
 
@@ -127,7 +81,7 @@ fn late_and_out_of_order_rows_are_counted_once() {
     let Some(db) = TestDb::new(Backend::Postgres) else {
         return;
     };
-    db.exec(AUTH_TABLES);
+    db.exec(AUTH_LOG_TABLES);
     let lines = simulated(&db, 3_000);
     assert!(
         lines.iter().any(|v| !v["api_key_id"].is_string()),
@@ -146,16 +100,16 @@ fn late_and_out_of_order_rows_are_counted_once() {
         .map(|i| first[i].clone())
         .collect();
     early.reverse();
-    insert(&db, &early);
+    insert_auth_log(&db, &early);
     let daemon = start(&db, &["--postgres-lookback", "7d"]);
     settles_at(&db, early.len() as u64);
 
-    insert(&db, &late);
+    insert_auth_log(&db, &late);
     settles_at(&db, (early.len() + late.len()) as u64);
 
     // A SIGKILL and restart: the cursor and the remembered rows are where the counts are.
     drop(daemon);
-    insert(&db, rest);
+    insert_auth_log(&db, rest);
     let daemon = start(&db, &["--postgres-lookback", "7d"]);
     settles_at(&db, lines.len() as u64);
     drop(daemon);
@@ -180,9 +134,9 @@ fn a_first_start_can_begin_at_a_given_time() {
     let Some(db) = TestDb::new(Backend::Postgres) else {
         return;
     };
-    db.exec(AUTH_TABLES);
+    db.exec(AUTH_LOG_TABLES);
     let lines = simulated(&db, 1_000);
-    insert(&db, &lines);
+    insert_auth_log(&db, &lines);
     let at = |v: &Value| {
         chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap()).unwrap()
     };

@@ -64,9 +64,18 @@ pub struct Sender {
 impl Sender {
     /// Tries every notification due now once. Returns how many were sent.
     pub async fn step(&self) -> Result<usize, StoreError> {
+        self.deliver_due(None).await
+    }
+
+    /// [`Sender::step`], starting no delivery once `stop` is cancelled (the one under way
+    /// finishes, or is abandoned by whoever bounds the stop).
+    async fn deliver_due(&self, stop: Option<&CancellationToken>) -> Result<usize, StoreError> {
         let now = self.clock.now();
         let mut sent = 0;
         for q in self.store.due_notifications(now, 50).await? {
+            if stop.is_some_and(CancellationToken::is_cancelled) {
+                break;
+            }
             let n = &q.notification;
             let attempts = q.attempts + 1;
             let result = match self.receivers.get(&n.receiver) {
@@ -127,7 +136,7 @@ impl Sender {
     /// Runs until `shutdown`, logging errors and trying again.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            let wait = match self.step().await {
+            let wait = match self.deliver_due(Some(&shutdown)).await {
                 Ok(_) => match self.store.next_notification_at().await {
                     Ok(Some(t)) => (t - self.clock.now())
                         .to_std()

@@ -9,6 +9,11 @@
 //! A request's lines are one chunk, numbered after every line this process took before, so
 //! each line's dead letter is unique within the `http` source; the answer numbers lines from 1
 //! within the request.
+//!
+//! A push may carry an `Idempotency-Key`: the key is committed with the push's counts (as a row
+//! the source counted, like the postgres source's), so a client that lost the answer (keywatch
+//! killed, connection cut) and sends the same push again with the same key gets it answered as
+//! a duplicate instead of counted twice. Keys are remembered for `app::PUSH_IDS_KEPT`.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio::sync::mpsc::Sender;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::{Chunk, CommitAck};
+use super::{Checkpoint, Chunk, CommitAck, SeenRow};
 
 /// The source's name in metrics and dead letters.
 pub const SOURCE_NAME: &str = "http";
@@ -36,6 +41,8 @@ pub const SOURCE_NAME: &str = "http";
 const MAX_LISTED_REJECTS: usize = 1_000;
 /// What a client is told to wait before retrying a refused push.
 const RETRY_AFTER_SECONDS: u64 = 1;
+/// The longest `Idempotency-Key` taken.
+const MAX_IDEMPOTENCY_KEY: usize = 200;
 
 /// Settings of the HTTP source, validated.
 #[derive(Clone)]
@@ -88,15 +95,23 @@ pub struct HttpIngest {
     in_flight: Semaphore,
     /// Lines taken by this process so far, for the numbering of dead letters.
     lines: AtomicU64,
+    /// Where committed `Idempotency-Key`s are looked up; without it they are refused.
+    store: Option<crate::store::Store>,
+    /// The `Idempotency-Key`s of pushes waiting for their commit now.
+    pending_keys: Mutex<std::collections::HashSet<String>>,
 }
 
 impl HttpIngest {
-    pub fn new(settings: HttpSettings) -> Arc<HttpIngest> {
+    /// The source's state; with `store`, pushes may carry an `Idempotency-Key` (the keys
+    /// already committed are looked up there), without it such pushes are refused.
+    pub fn new(settings: HttpSettings, store: Option<crate::store::Store>) -> Arc<HttpIngest> {
         Arc::new(HttpIngest {
             in_flight: Semaphore::new(settings.max_in_flight.max(1)),
             settings,
             tx: Mutex::new(None),
             lines: AtomicU64::new(0),
+            store,
+            pending_keys: Mutex::default(),
         })
     }
 
@@ -211,6 +226,10 @@ async fn ingest_handler(
             "missing or wrong ingest token; send Authorization: Bearer TOKEN".into(),
         );
     }
+    let push_key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "bad_idempotency_key", message),
+    };
     let limit = ingest.settings.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -269,6 +288,14 @@ async fn ingest_handler(
     if lines == 0 {
         return accepted(0, 0, ChunkOutcomeView::default());
     }
+    // Held until the answer, so a resend cannot be counted while its original commits.
+    let _pending = match &push_key {
+        Some(key) => match ingest.check_push(key).await {
+            Ok(p) => Some(p),
+            Err(answer) => return answer(lines),
+        },
+        None => None,
+    };
     let Some(tx) = ingest.sender() else {
         return busy("keywatch is not reading pushes now (starting or stopping)");
     };
@@ -281,11 +308,23 @@ async fn ingest_handler(
     };
     let first_line_no = ingest.lines.fetch_add(lines, Ordering::Relaxed) + 1;
     let (ack, committed) = CommitAck::new();
+    // A push has no place to resume from; its checkpoint only carries its key, so that the key
+    // is committed with the push's counts.
+    let checkpoint = push_key.map(|id| Checkpoint {
+        fingerprint: SOURCE_NAME.into(),
+        path: SOURCE_NAME.into(),
+        offset: 0,
+        line_no: first_line_no + lines - 1,
+        seen: vec![SeenRow {
+            id,
+            created_at: chrono::Utc::now(),
+        }],
+    });
     permit.send(Chunk {
         source: Arc::from(SOURCE_NAME),
         data,
         first_line_no,
-        checkpoint: None,
+        checkpoint,
         ack: Some(ack),
     });
     match committed.await {
@@ -299,6 +338,7 @@ async fn ingest_handler(
                     .into_iter()
                     .map(|r| (r.line_no, r.reason, r.detail))
                     .collect(),
+                duplicate: false,
             },
         ),
         // Dropped unsent: the pipeline stopped without committing these lines.
@@ -306,10 +346,95 @@ async fn ingest_handler(
     }
 }
 
+/// The `Idempotency-Key` header: `None` when absent, the reason when it is not one.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str().map(str::trim) {
+        Ok(k)
+            if !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(k.to_owned()))
+        }
+        _ => Err(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters without spaces; a UUID per push is a good one"
+        )),
+    }
+}
+
+/// A push's `Idempotency-Key` reserved while the push is committed; released when dropped.
+struct PendingPush<'a> {
+    ingest: &'a HttpIngest,
+    key: String,
+}
+
+impl Drop for PendingPush<'_> {
+    fn drop(&mut self) {
+        let mut keys = self
+            .ingest
+            .pending_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        keys.remove(&self.key);
+    }
+}
+
+/// The answer to a push that must not be counted now, given its line count.
+type Refusal = Box<dyn FnOnce(u64) -> Response + Send>;
+
+impl HttpIngest {
+    /// Reserves `key` for a push about to be counted, or says why it must not be: the same key
+    /// is being committed now (retry), or was committed already (a duplicate, answered 200).
+    async fn check_push(&self, key: &str) -> Result<PendingPush<'_>, Refusal> {
+        let Some(store) = &self.store else {
+            return Err(Box::new(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_idempotency_key",
+                    "this endpoint does not take Idempotency-Key".into(),
+                )
+            }));
+        };
+        {
+            let mut keys = self.pending_keys.lock().unwrap_or_else(|e| e.into_inner());
+            if !keys.insert(key.to_owned()) {
+                return Err(Box::new(|_| {
+                    busy("a push with this Idempotency-Key is being committed now")
+                }));
+            }
+        }
+        let pending = PendingPush {
+            ingest: self,
+            key: key.to_owned(),
+        };
+        match store.has_seen(SOURCE_NAME, key).await {
+            Ok(false) => Ok(pending),
+            Ok(true) => Err(Box::new(|lines| {
+                let duplicate = ChunkOutcomeView {
+                    duplicate: true,
+                    ..ChunkOutcomeView::default()
+                };
+                accepted(lines, 0, duplicate)
+            })),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot look up an Idempotency-Key; the push is refused for now.");
+                Err(Box::new(|_| {
+                    busy("keywatch cannot check the Idempotency-Key now")
+                }))
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct ChunkOutcomeView {
     accepted: u64,
     rejected: Vec<(u64, &'static str, String)>,
+    /// The push's `Idempotency-Key` was committed before: nothing was counted now.
+    duplicate: bool,
 }
 
 fn accepted(lines: u64, first_line_no: u64, outcome: ChunkOutcomeView) -> Response {
@@ -329,6 +454,7 @@ fn accepted(lines: u64, first_line_no: u64, outcome: ChunkOutcomeView) -> Respon
             "accepted": outcome.accepted,
             "rejected_count": rejected_count,
             "rejected": listed,
+            "duplicate": outcome.duplicate,
         }
     });
     (StatusCode::OK, axum::Json(body)).into_response()
@@ -378,11 +504,14 @@ mod tests {
 
     #[test]
     fn only_the_right_token_passes() {
-        let ingest = HttpIngest::new(HttpSettings {
-            token_sha256: Sha256::digest(b"s3cret").into(),
-            max_body_bytes: 10,
-            max_in_flight: 1,
-        });
+        let ingest = HttpIngest::new(
+            HttpSettings {
+                token_sha256: Sha256::digest(b"s3cret").into(),
+                max_body_bytes: 10,
+                max_in_flight: 1,
+            },
+            None,
+        );
         let mut h = HeaderMap::new();
         assert!(!ingest.authorized(&h));
         h.insert(

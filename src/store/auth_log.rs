@@ -210,9 +210,22 @@ impl Store {
             .collect())
     }
 
+    /// Whether `source` counted the row `row_id` (and has not forgotten it yet).
+    pub async fn has_seen(&self, source: &str, row_id: &str) -> Result<bool, StoreError> {
+        let n: i64 = with_pool!(self, p => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM kw_source_seen WHERE source = $1 AND row_id = $2",
+        )
+        .bind(source)
+        .bind(row_id)
+        .fetch_one(p)
+        .await)
+        .context("looking up a row a source counted")?;
+        Ok(n > 0)
+    }
+
     /// Forgets the rows of `source` older than `before` (outside its look-back window, so
-    /// never consulted again: this needs no transaction with the counts).
-    pub async fn prune_seen(&self, source: &str, before: DateTime<Utc>) -> Result<(), StoreError> {
+    /// never consulted again: this needs no transaction with the counts); returns how many.
+    pub async fn prune_seen(&self, source: &str, before: DateTime<Utc>) -> Result<u64, StoreError> {
         with_pool!(self, p => sqlx::query(
             "DELETE FROM kw_source_seen WHERE source = $1 AND created_at < $2",
         )
@@ -220,7 +233,7 @@ impl Store {
         .bind(DbTime(before))
         .execute(p)
         .await
-        .map(|_| ()))
+        .map(|r| r.rows_affected()))
         .context("forgetting rows past the look-back")
     }
 }

@@ -13,6 +13,7 @@ mod ingest;
 pub(crate) mod keys;
 mod notify;
 mod report;
+pub mod retention;
 
 pub use alerts::{AlertAction, AlertFilter, BenignPlace, StoredAlert};
 pub use auth_log::{AuthLog, AuthTable, LogRow};
@@ -20,6 +21,7 @@ pub use ingest::{Batch, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
 pub use notify::{DeliveryLease, OutboxDepth, QueuedNotification, StoredSilence};
 pub use report::{ActivityRow, SegmentQuery, UsageAggregate};
+pub use retention::{Pruned, Retention, RetentionError};
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -274,10 +274,14 @@ pub fn oracle(
 
 /// `report usage --format json` grouped by `group` ("key" or "org"), as tallies by id.
 pub fn reported(db: &TestDb, group: &str) -> BTreeMap<Option<String>, Tally> {
-    let out = kw_ok(
-        db,
-        &["report", "usage", "--group-by", group, "--format", "json"],
-    );
+    reported_with(db, group, &[])
+}
+
+/// [`reported`] with more arguments of `report usage` (a range: `--from`, `--until`).
+pub fn reported_with(db: &TestDb, group: &str, extra: &[&str]) -> BTreeMap<Option<String>, Tally> {
+    let mut args = vec!["report", "usage", "--group-by", group, "--format", "json"];
+    args.extend_from_slice(extra);
+    let out = kw_ok(db, &args);
     let v: Value = serde_json::from_str(&out).expect("report is JSON");
     assert_eq!(v["success"], true);
     let id_field = if group == "key" { "key_id" } else { "org_id" };
@@ -424,4 +428,171 @@ pub fn python_module(module: &str, package: &str, what: &str) -> bool {
         eprintln!("skipped: {what} (pip install {package} to run it)");
     }
     ok
+}
+
+/// A spawned process (a keywatch daemon, a sink) killed with SIGKILL when dropped, so a failing
+/// test leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// Sends `signal` (`TERM`, `KILL`, `HUP`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.0.id().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit, at most `timeout`; `None` if it is still running.
+    pub fn wait_for(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill_9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The auth server's log tables, as it creates them: what `--source postgres` reads.
+pub const AUTH_LOG_TABLES: &str = "
+CREATE TABLE mcp_request_log (
+    request_id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    organization_id UUID, api_key_id UUID, user_id UUID, tenant_id UUID, session_id UUID,
+    mcp_server_name TEXT, endpoint_path TEXT, http_method TEXT, http_status_code INTEGER,
+    request_size_bytes INTEGER, response_size_bytes INTEGER, latency_ms INTEGER,
+    tokens_used INTEGER, source_ip TEXT, user_agent TEXT, error_message TEXT, error_code TEXT,
+    rate_limit_hit BOOLEAN DEFAULT false, quota_exceeded BOOLEAN DEFAULT false,
+    metadata JSONB DEFAULT '{}', processed_at TIMESTAMPTZ
+);
+CREATE INDEX idx_mcp_request_log_created_at ON mcp_request_log (created_at);
+CREATE TABLE auth_audit_log (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    event_type VARCHAR(50) NOT NULL, severity VARCHAR(20) NOT NULL DEFAULT 'info',
+    user_id UUID, ip_address TEXT, user_agent TEXT, auth_method VARCHAR(50),
+    metadata JSONB NOT NULL DEFAULT '{}'
+);
+";
+
+/// Inserts request-log lines into [`AUTH_LOG_TABLES`] as the auth server would have written
+/// them: a line with a key as an `mcp_request_log` row, a refused key as a `login_failed`
+/// audit row.
+pub fn insert_auth_log(db: &TestDb, lines: &[Value]) {
+    let (requests, refused): (Vec<&Value>, Vec<&Value>) =
+        lines.iter().partition(|v| v["api_key_id"].is_string());
+    if !requests.is_empty() {
+        let json = serde_json::to_string(&requests).unwrap();
+        db.exec(&format!(
+            "INSERT INTO mcp_request_log SELECT * FROM json_populate_recordset(NULL::mcp_request_log, $kw${json}$kw$)"
+        ));
+    }
+    for v in refused {
+        let meta = serde_json::json!({
+            "key_prefix": v["key_prefix"], "reason": "key_not_found", "endpoint": "mcp_proxy"
+        });
+        db.exec(&format!(
+            "INSERT INTO auth_audit_log (id, created_at, event_type, severity, ip_address, user_agent, auth_method, metadata) \
+             VALUES ('{}', '{}', 'login_failed', 'warning', {}, 't', 'api_key', $kw${meta}$kw$)",
+            v["request_id"].as_str().unwrap(),
+            v["created_at"].as_str().unwrap(),
+            v["source_ip"].as_str().map_or("NULL".into(), |s| format!("'{s}'")),
+        ));
+    }
+}
+
+/// The NATS JetStream server the tests use.
+pub const NATS_SERVER: &str = "127.0.0.1:4222";
+
+/// A NATS stream of the test's own (name and subject prefix), deleted when the test ends.
+pub struct TestStream {
+    pub name: String,
+    pub subject: String,
+}
+
+impl TestStream {
+    /// `None` (with a note) when no NATS server answers; under CI that is a failure.
+    pub fn new() -> Option<TestStream> {
+        if TcpStream::connect_timeout(&NATS_SERVER.parse().unwrap(), Duration::from_secs(2))
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI is set but no NATS server answers at {NATS_SERVER}: the NATS tests must run"
+            );
+            eprintln!("skipped: NATS test (no NATS JetStream server at {NATS_SERVER})");
+            return None;
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Some(TestStream {
+            name: format!("KW_TEST_{}", id.to_uppercase()),
+            subject: format!("kwtest.{id}"),
+        })
+    }
+
+    /// The URL `--source` and `publish --nats` take, with `query` appended.
+    pub fn url(&self, query: &str) -> String {
+        format!(
+            "nats://{NATS_SERVER}?stream={}&subject={}{query}",
+            self.name, self.subject
+        )
+    }
+
+    /// `keywatch publish` of `file` to the stream, split into `partitions`.
+    pub fn publish(&self, db: &TestDb, partitions: u32, file: &Path) {
+        kw_ok(
+            db,
+            &[
+                "publish",
+                "--nats",
+                &self.url(""),
+                "--partitions",
+                &partitions.to_string(),
+                file.to_str().unwrap(),
+            ],
+        );
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::panic::catch_unwind(move || {
+            block_on(async move {
+                if let Ok(c) = async_nats::connect(NATS_SERVER).await {
+                    let _ = async_nats::jetstream::new(c).delete_stream(&name).await;
+                }
+            })
+        });
+    }
+}
+
+/// Appends `lines` to the file at `path` (created if missing), each ending in a newline.
+pub fn append_lines(path: &Path, lines: &[String]) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
 }
