@@ -1,4 +1,4 @@
-//! GeoIP: where an address is, from memory-mapped MaxMind DB files.
+//! GeoIP: where an address is, from MaxMind DB files read into memory.
 //!
 //! Owns opening `.mmdb` files (one file or a directory of them) and reading a country from
 //! either record layout in use: MaxMind's GeoIP2 (`country.iso_code`) and the flat
@@ -6,11 +6,18 @@
 //! an ASN database. [`GeoHandle`] swaps in a database replaced on disk (as `geoipupdate`
 //! does) without a restart, keeping the previous one when the new file is broken. It keeps no
 //! per-key state: callers decide what to remember.
+//!
+//! A database is read whole into memory and checked ([`maxminddb::Reader::verify`]) before it
+//! is used, never memory-mapped: a file overwritten in place (truncated, then written) under a
+//! live mapping makes the next lookup fault (SIGBUS) and kills the process, and a half-written
+//! or corrupt file must be refused at open, not found out lookup by lookup. Replacing the file
+//! in any way is therefore safe; the cost is the file's size in memory (8 MiB for the
+//! shipped country database).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use maxminddb::{Mmap, Reader};
+use maxminddb::Reader;
 use serde::Deserialize;
 
 /// The directory of the shipped default database, relative to the working directory.
@@ -107,7 +114,7 @@ fn country_code(code: &str) -> Option<Country> {
 /// One opened database file.
 pub struct GeoFile {
     pub path: PathBuf,
-    reader: Reader<Mmap>,
+    reader: Reader<Vec<u8>>,
 }
 
 impl GeoFile {
@@ -160,14 +167,16 @@ impl GeoDb {
         }
         let mut files = Vec::with_capacity(paths.len());
         for p in paths {
-            // SAFETY: the mapping is only read. Updaters such as geoipupdate replace a
-            // database by renaming a new file over it, which leaves this mapping's inode intact;
-            // a file truncated in place could fault, which is why keywatch documents that
-            // databases must be replaced by rename.
-            let reader = unsafe { Reader::open_mmap(&p) }.map_err(|source| GeoError::Open {
+            let broken = |source| GeoError::Open {
+                path: p.display().to_string(),
+                source,
+            };
+            let bytes = std::fs::read(&p).map_err(|source| GeoError::Io {
                 path: p.display().to_string(),
                 source,
             })?;
+            let reader = Reader::from_source(bytes).map_err(broken)?;
+            reader.verify().map_err(broken)?;
             files.push(GeoFile { path: p, reader });
         }
         Ok(GeoDb { files })
