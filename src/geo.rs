@@ -7,8 +7,8 @@
 //! does) without a restart, keeping the previous one when the new file is broken. It keeps no
 //! per-key state: callers decide what to remember.
 //!
-//! A database is read whole into memory and checked ([`maxminddb::Reader::verify`]) before it
-//! is used, never memory-mapped: a file overwritten in place (truncated, then written) under a
+//! A database is read whole into memory and checked (every record decoded once) before it is
+//! used, never memory-mapped: a file overwritten in place (truncated, then written) under a
 //! live mapping makes the next lookup fault (SIGBUS) and kills the process, and a half-written
 //! or corrupt file must be refused at open, not found out lookup by lookup. Replacing the file
 //! in any way is therefore safe; the cost is the file's size in memory (8 MiB for the
@@ -176,7 +176,7 @@ impl GeoDb {
                 source,
             })?;
             let reader = Reader::from_source(bytes).map_err(broken)?;
-            reader.verify().map_err(broken)?;
+            check(&reader).map_err(broken)?;
             files.push(GeoFile { path: p, reader });
         }
         Ok(GeoDb { files })
@@ -244,6 +244,24 @@ impl GeoDb {
     pub fn country(&self, ip: IpAddr) -> Option<Country> {
         self.locate(ip).country
     }
+}
+
+/// Walks the whole search tree and decodes every distinct record as [`GeoDb::locate`] will,
+/// so that a damaged file is refused when it is opened rather than found out lookup by
+/// lookup. Each record is decoded once however many networks share it, so this costs a walk
+/// of the tree. (maxminddb's own `verify` also refuses databases with an empty description,
+/// such as the shipped DB-IP one.)
+fn check(reader: &Reader<Vec<u8>>) -> Result<(), maxminddb::MaxMindDbError> {
+    let mut seen = std::collections::HashSet::new();
+    for found in reader.networks(Default::default())? {
+        let found = found?;
+        if let Some(offset) = found.offset()
+            && seen.insert(offset)
+        {
+            found.decode::<LocationRecord<'_>>()?;
+        }
+    }
+    Ok(())
 }
 
 /// What identifies the files a [`GeoDb`] was opened from: each `.mmdb` path with its
@@ -364,6 +382,29 @@ mod tests {
         assert!(e.is_err());
         let e = GeoDb::open(Path::new("/nonexistent/geo.mmdb")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/geo.mmdb"), "{e}");
+    }
+
+    #[test]
+    fn a_database_with_a_record_that_does_not_decode_is_refused() {
+        let path = Path::new(TEST_DIR).join("GeoIP2-City-Test-Broken-Double-Format.mmdb");
+        let e = GeoDb::open(&path).unwrap_err().to_string();
+        assert!(e.contains("double of size 2"), "{e}");
+    }
+
+    #[test]
+    fn a_database_overwritten_in_place_leaves_the_loaded_one_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("geo.mmdb");
+        let city = std::fs::read(Path::new(TEST_DIR).join("GeoIP2-City-Test.mmdb")).unwrap();
+        std::fs::write(&live, &city).unwrap();
+        let h = GeoHandle::open(&live).unwrap();
+        let ip: IpAddr = "81.2.69.160".parse().unwrap();
+        // Truncated, then written: a memory-mapped reader would now fault (SIGBUS).
+        std::fs::write(&live, &city[..1_000]).unwrap();
+        assert_eq!(h.current().country(ip), Some(*b"GB"));
+        let e = h.reload().unwrap_err().to_string();
+        assert!(e.contains("is not a usable MaxMind DB file"), "{e}");
+        assert_eq!(h.current().country(ip), Some(*b"GB"));
     }
 
     #[test]

@@ -114,3 +114,43 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::store::{Batch, CommitMarker, Store};
+
+    /// A batch committed twice under the same number (a retry after a COMMIT whose answer was
+    /// lost) is counted once; the next number is counted again.
+    #[tokio::test]
+    async fn a_batch_retried_after_its_commit_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kw.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let at: chrono::DateTime<chrono::Utc> = "2026-11-20T10:00:00Z".parse().unwrap();
+        let org = uuid::Uuid::new_v4();
+        let batch = |seq| {
+            let mut b = Batch {
+                marker: Some(CommitMarker {
+                    writer: "w".into(),
+                    seq,
+                }),
+                ..Batch::default()
+            };
+            let mcp: Arc<str> = Arc::from("search");
+            b.rollup.record(at, None, Some(org), &mcp, 200, 5, 10, 20);
+            b
+        };
+        let counted = || async {
+            let mtd = crate::report::month_to_date(&store, at).await.unwrap();
+            mtd.get(&org).copied().unwrap_or(0)
+        };
+        store.commit_batch(&batch(1)).await.unwrap();
+        assert_eq!(counted().await, 1);
+        store.commit_batch(&batch(1)).await.unwrap();
+        assert_eq!(counted().await, 1, "the retried batch is not counted again");
+        store.commit_batch(&batch(2)).await.unwrap();
+        assert_eq!(counted().await, 2);
+    }
+}

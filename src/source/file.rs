@@ -249,7 +249,8 @@ impl<C: CheckpointReader> Tailer<C> {
         if self.sent.len() >= SENT_REMEMBERED {
             self.sent.pop_front();
         }
-        self.sent.push_back((fingerprint.to_owned(), offset, line_no));
+        self.sent
+            .push_back((fingerprint.to_owned(), offset, line_no));
     }
 
     fn forget_sent(&mut self, fingerprint: &str) {

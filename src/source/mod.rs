@@ -201,7 +201,8 @@ impl Health {
     /// How long commits have been failing, and why, while they do.
     pub fn commits_failing(&self) -> Option<(std::time::Duration, String)> {
         let c = self.commits.lock().unwrap_or_else(|e| e.into_inner());
-        c.as_ref().map(|(since, why)| (since.elapsed(), why.clone()))
+        c.as_ref()
+            .map(|(since, why)| (since.elapsed(), why.clone()))
     }
 
     /// The sources that are down, with why.

@@ -72,6 +72,10 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "cannot open the database at {url}: {why}, and SQLite must write beside the file (its journal)"
+    )]
+    SqliteDir { url: String, why: String },
     /// A commit failed for a reason waiting will not cure (the SQLite file's disk is full,
     /// the file is read-only or damaged): the daemon stops rather than retry forever.
     #[error(
@@ -98,6 +102,7 @@ impl StoreError {
             StoreError::UnsupportedUrl { .. } | StoreError::Invalid(_) => {
                 Some("the request is invalid")
             }
+            StoreError::SqliteDir { .. } => Some("the directory is not writable"),
             StoreError::Migrate { .. } => Some("the migrations do not apply"),
         }
     }
@@ -220,13 +225,22 @@ impl Store {
                 // page cache makes every upsert a system call (measured: 70% of ingest time).
                 .pragma("cache_size", "-65536")
                 .pragma("mmap_size", "268435456");
-            Pool::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(4)
-                    .connect_with(opts)
-                    .await
-                    .map_err(connect_err)?,
-            )
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await;
+            match pool {
+                Ok(p) => Pool::Sqlite(p),
+                Err(e) => {
+                    return Err(match sqlite_dir_unwritable(url) {
+                        Some(why) => StoreError::SqliteDir {
+                            url: shown.clone(),
+                            why,
+                        },
+                        None => connect_err(e),
+                    });
+                }
+            }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = PgConnectOptions::from_str(url).map_err(connect_err)?;
             Pool::Postgres(
@@ -291,6 +305,34 @@ impl Store {
 
     pub async fn close(&self) {
         with_pool!(self, p => p.close().await)
+    }
+}
+
+/// Why the directory of the SQLite file at `url` cannot be written, when it cannot: a
+/// read-only file system, a permission. Asked only once opening failed, to say which.
+fn sqlite_dir_unwritable(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))?;
+    let file = std::path::Path::new(rest.split('?').next()?);
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let probe = dir.join(format!(".keywatch-write-test-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => Some(format!(
+            "its directory {} is not writable ({e})",
+            dir.display()
+        )),
     }
 }
 
