@@ -293,7 +293,11 @@ fn postgres_cut_off_holds_the_sources_back_and_loses_nothing() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(d.alive(), "keywatch keeps running:\n{}", d.log());
-    assert_eq!(read(&d), held, "nothing more read while the database is away");
+    assert_eq!(
+        read(&d),
+        held,
+        "nothing more read while the database is away"
+    );
 
     proxy.restore();
     assert_exact(&db, &all[..65_000]);
@@ -644,17 +648,20 @@ fn a_missing_or_corrupt_geoip_database_is_refused_at_start() {
             missing.display()
         )
     );
-    for (file, fault) in [
+    let truncated = db.path("truncated.mmdb");
+    let city = std::fs::read(Path::new(GEO_DIR).join("GeoIP2-City-Test.mmdb")).unwrap();
+    std::fs::write(&truncated, &city[..city.len() / 2]).unwrap();
+    for (path, fault) in [
         (
-            "GeoIP2-City-Test-Invalid-Node-Count.mmdb",
+            Path::new(GEO_DIR).join("GeoIP2-City-Test-Invalid-Node-Count.mmdb"),
             "the MaxMind DB file's search tree extends beyond the metadata section",
         ),
+        (truncated, "could not find MaxMind DB metadata"),
         (
-            "GeoIP2-City-Test-Broken-Double-Format.mmdb",
-            "double of size 2",
+            Path::new(GEO_DIR).join("GeoIP2-City-Test-Broken-Double-Format.mmdb"),
+            ": double of size ",
         ),
     ] {
-        let path = Path::new(GEO_DIR).join(file);
         let err = start(&path);
         let last = err.lines().last().unwrap();
         assert!(

@@ -143,7 +143,8 @@ mod tests {
             b
         };
         let counted = || async {
-            let mtd = crate::report::month_to_date(&store, at).await.unwrap();
+            let later = at + chrono::Duration::hours(1);
+            let mtd = crate::report::month_to_date(&store, later).await.unwrap();
             mtd.get(&org).copied().unwrap_or(0)
         };
         store.commit_batch(&batch(1)).await.unwrap();
