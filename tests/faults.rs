@@ -748,3 +748,120 @@ fn a_geoip_database_overwritten_in_place_or_deleted_keeps_the_previous_one() {
     assert!(d.stop().success(), "{text}");
     no_panic(&text);
 }
+
+/// A PostgreSQL cluster of the test's own (initdb in a temp dir, on a free port; as the
+/// `postgres` user when the tests run as root, since PostgreSQL refuses root), stopped at
+/// once when the test ends, also when it fails.
+struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    fn new() -> Option<Cluster> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| Some(e.ok()?.path().join("bin")))
+            .filter(|b| b.join("initdb").is_file())
+            .max();
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI is set but no PostgreSQL server binaries are in /usr/lib/postgresql: the restart test must run"
+            );
+            eprintln!("skipped: PostgreSQL restart test (no /usr/lib/postgresql/*/bin/initdb)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(c.dir.path())
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let data = c.dir.path().join("data");
+        c.pg("initdb", &["-A", "trust", "-U", "root", "-D"], &data);
+        c.ctl("start");
+        Some(c)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://root@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg(&self, tool: &str, args: &[&str], last: &Path) -> bool {
+        let exe = self.bin.join(tool);
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        cmd.args(args)
+            .arg(last)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// `pg_ctl ACTION` (start, stop), waiting for it to finish.
+    fn ctl(&self, action: &str) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        let args = ["-w", "-m", "fast", "-o", &opts, "-l", &log, action, "-D"];
+        let ok = self.pg("pg_ctl", &args, &self.dir.path().join("data"));
+        assert!(ok, "pg_ctl {action}");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        self.pg("pg_ctl", &["-w", "-m", "immediate", "stop", "-D"], &data);
+    }
+}
+
+/// The PostgreSQL server itself stopped for a while and started again (a real restart, of a
+/// cluster of the test's own) while keywatch follows a file: keywatch holds back, reconnects
+/// and counts every line once.
+#[test]
+fn postgres_restarted_while_running_loses_nothing() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let mut db = TestDb::new(Backend::Sqlite).unwrap();
+    db.url = cluster.url();
+    let all = lines(&db, 20_000, 10, "96");
+    let log = db.path("requests.log");
+    append(&log, &all[..5_000]);
+    let cmd = run_file(&db.url, &log, &["--log", "info"]);
+    let mut d = Daemon::start(cmd, db.path("stderr.log"));
+    assert_exact(&db, &all[..5_000]);
+    cluster.ctl("stop");
+    append(&log, &all[5_000..15_000]);
+    assert!(d.logged("Cannot commit counts; holding the sources back"));
+    assert_eq!(d.metric("keywatch_commits_blocked"), 1.0);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(d.alive(), "{}", d.log());
+    cluster.ctl("start");
+    append(&log, &all[15_000..]);
+    assert_exact(&db, &all);
+    assert!(d.logged("Commits succeed again; reading resumes."));
+    let text = d.log();
+    assert!(d.stop().success(), "{text}");
+    no_panic(&text);
+}
