@@ -176,6 +176,16 @@ pub(crate) async fn healthz() -> &'static str {
 
 pub(crate) async fn readyz(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
     let failing = s.sources.as_ref().map(|h| h.failing()).unwrap_or_default();
+    // Answered without asking the database, which may take its connect timeout to fail.
+    if let Some((for_, why)) = s.sources.as_ref().and_then(|h| h.commits_failing()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "commits have failed for {} s, so the sources are held back: {why}\n",
+                for_.as_secs()
+            ),
+        );
+    }
     match s.store.ping().await {
         Ok(()) if failing.is_empty() => (StatusCode::OK, "ready\n".to_owned()),
         Ok(()) => (

@@ -164,6 +164,9 @@ pub async fn run_sources_in(
     ctx: &SourceContext,
 ) -> Result<(IngestStats, Option<SourceError>), StoreError> {
     let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
+    // The sources also stop when the pipeline fails for good (a full disk), which would
+    // otherwise leave a source following a quiet file waiting for ever.
+    let sources_stop = shutdown.child_token();
     let checkpoints = Arc::new(store.clone());
     // A dry run replays every file from its beginning, whatever was ingested before.
     let no_checkpoints = Arc::new(crate::source::NoCheckpoints);
@@ -171,7 +174,7 @@ pub async fn run_sources_in(
     let mut tasks = tokio::task::JoinSet::new();
     for spec in specs {
         let tx = tx.clone();
-        let token = shutdown.clone();
+        let token = sources_stop.clone();
         let health = ctx.health.clone();
         let name = spec.name();
         health.up(&name);
@@ -232,7 +235,7 @@ pub async fn run_sources_in(
     }
     let mut detection = detection;
     if let Some(mut events) = detection.as_mut().and_then(|d| d.own_events.take()) {
-        let (tx, token) = (tx.clone(), shutdown.clone());
+        let (tx, token) = (tx.clone(), sources_stop.clone());
         tasks.spawn(async move {
             loop {
                 let chunk = tokio::select! {
@@ -247,7 +250,8 @@ pub async fn run_sources_in(
         });
     }
     drop(tx);
-    let mut pipeline = Pipeline::new(store.clone(), keys, metrics.clone(), opts);
+    let mut pipeline =
+        Pipeline::new(store.clone(), keys, metrics.clone(), opts).with_health(ctx.health.clone());
     if let Some(p) = progress {
         pipeline = pipeline.with_progress(p);
     }
@@ -277,8 +281,14 @@ pub async fn run_sources_in(
     };
     // A batch run gives up on a database that stays down; the daemon waits for it.
     let give_up = (!file_opts.follow).then(|| Duration::from_secs(60));
-    let (stats, source_err) =
-        tokio::join!(pipeline.run(rx, shutdown.clone(), give_up), sources_done);
+    let counted = async {
+        let r = pipeline.run(rx, shutdown.clone(), give_up).await;
+        if r.is_err() {
+            sources_stop.cancel();
+        }
+        r
+    };
+    let (stats, source_err) = tokio::join!(counted, sources_done);
     Ok((stats?, source_err))
 }
 
@@ -473,13 +483,18 @@ pub async fn run_daemon(
         Some(detection),
         &ctx,
     );
-    let (stats, source_err) = tokio::select! {
-        r = reading => r?,
+    let ran = tokio::select! {
+        r = reading => r,
         () = overdue.cancelled() => anyhow::bail!(
             "could not commit what was read within --shutdown-timeout {}; the sources resume from the last commit at the next start (lines read from stdin since then are lost)",
             shown_secs(settings.shutdown_timeout)
         ),
     };
+    if ran.is_err() {
+        // The database cannot take counts any more: stop serving too.
+        shutdown.cancel();
+    }
+    let (stats, source_err) = ran?;
     tracing::info!(
         accepted = stats.accepted,
         rejected = stats.rejected_total(),

@@ -1,4 +1,4 @@
-//! GeoIP: where an address is, from memory-mapped MaxMind DB files.
+//! GeoIP: where an address is, from MaxMind DB files read into memory.
 //!
 //! Owns opening `.mmdb` files (one file or a directory of them) and reading a country from
 //! either record layout in use: MaxMind's GeoIP2 (`country.iso_code`) and the flat
@@ -6,11 +6,18 @@
 //! an ASN database. [`GeoHandle`] swaps in a database replaced on disk (as `geoipupdate`
 //! does) without a restart, keeping the previous one when the new file is broken. It keeps no
 //! per-key state: callers decide what to remember.
+//!
+//! A database is read whole into memory and checked (every record decoded once) before it is
+//! used, never memory-mapped: a file overwritten in place (truncated, then written) under a
+//! live mapping makes the next lookup fault (SIGBUS) and kills the process, and a half-written
+//! or corrupt file must be refused at open, not found out lookup by lookup. Replacing the file
+//! in any way is therefore safe; the cost is the file's size in memory (8 MiB for the
+//! shipped country database).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use maxminddb::{Mmap, Reader};
+use maxminddb::Reader;
 use serde::Deserialize;
 
 /// The directory of the shipped default database, relative to the working directory.
@@ -107,7 +114,7 @@ fn country_code(code: &str) -> Option<Country> {
 /// One opened database file.
 pub struct GeoFile {
     pub path: PathBuf,
-    reader: Reader<Mmap>,
+    reader: Reader<Vec<u8>>,
 }
 
 impl GeoFile {
@@ -160,14 +167,16 @@ impl GeoDb {
         }
         let mut files = Vec::with_capacity(paths.len());
         for p in paths {
-            // SAFETY: the mapping is only read. Updaters such as geoipupdate replace a
-            // database by renaming a new file over it, which leaves this mapping's inode intact;
-            // a file truncated in place could fault, which is why keywatch documents that
-            // databases must be replaced by rename.
-            let reader = unsafe { Reader::open_mmap(&p) }.map_err(|source| GeoError::Open {
+            let broken = |source| GeoError::Open {
+                path: p.display().to_string(),
+                source,
+            };
+            let bytes = std::fs::read(&p).map_err(|source| GeoError::Io {
                 path: p.display().to_string(),
                 source,
             })?;
+            let reader = Reader::from_source(bytes).map_err(broken)?;
+            check(&reader).map_err(broken)?;
             files.push(GeoFile { path: p, reader });
         }
         Ok(GeoDb { files })
@@ -234,6 +243,78 @@ impl GeoDb {
     /// The country of `ip`, as [`GeoDb::locate`] finds it.
     pub fn country(&self, ip: IpAddr) -> Option<Country> {
         self.locate(ip).country
+    }
+}
+
+/// Walks the whole search tree and decodes every distinct record, every field of it, so that
+/// a damaged file is refused when it is opened rather than found out lookup by lookup. Each
+/// record is decoded once however many networks share it, so this costs a walk of the tree.
+/// (maxminddb's own `verify` also refuses databases with an empty description, such as the
+/// shipped DB-IP one.)
+fn check(reader: &Reader<Vec<u8>>) -> Result<(), maxminddb::MaxMindDbError> {
+    let mut seen = std::collections::HashSet::new();
+    // Aliases too (IPv4 space seen through 6to4 and Teredo): a lookup can land in them.
+    let all = maxminddb::WithinOptions::default().include_aliased_networks();
+    for found in reader.networks(all)? {
+        let found = found?;
+        if let Some(offset) = found.offset()
+            && seen.insert(offset)
+        {
+            found.decode::<AnyValue>()?;
+        }
+    }
+    Ok(())
+}
+
+/// Any value, decoded whole and kept nowhere: skipping a field would not read it.
+struct AnyValue;
+
+impl<'de> Deserialize<'de> for AnyValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AnyValue, D::Error> {
+        d.deserialize_any(AnyVisitor)
+    }
+}
+
+struct AnyVisitor;
+
+impl<'de> serde::de::Visitor<'de> for AnyVisitor {
+    type Value = AnyValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any MaxMind DB value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_u128<E>(self, _: u128) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_unit<E>(self) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<AnyValue, A::Error> {
+        while seq.next_element::<AnyValue>()?.is_some() {}
+        Ok(AnyValue)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<AnyValue, A::Error> {
+        while map.next_entry::<AnyValue, AnyValue>()?.is_some() {}
+        Ok(AnyValue)
     }
 }
 
@@ -355,6 +436,34 @@ mod tests {
         assert!(e.is_err());
         let e = GeoDb::open(Path::new("/nonexistent/geo.mmdb")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/geo.mmdb"), "{e}");
+    }
+
+    #[test]
+    fn a_database_with_a_record_that_does_not_decode_is_refused() {
+        // Its tree and metadata are sound; a record holds a double of the wrong size.
+        let path = Path::new(TEST_DIR).join("GeoIP2-City-Test-Broken-Double-Format.mmdb");
+        let e = GeoDb::open(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("is not a usable MaxMind DB file (invalid database at offset "),
+            "{e}"
+        );
+        assert!(e.contains(": double of size "), "{e}");
+    }
+
+    #[test]
+    fn a_database_overwritten_in_place_leaves_the_loaded_one_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("geo.mmdb");
+        let city = std::fs::read(Path::new(TEST_DIR).join("GeoIP2-City-Test.mmdb")).unwrap();
+        std::fs::write(&live, &city).unwrap();
+        let h = GeoHandle::open(&live).unwrap();
+        let ip: IpAddr = "81.2.69.160".parse().unwrap();
+        // Truncated, then written: a memory-mapped reader would now fault (SIGBUS).
+        std::fs::write(&live, &city[..1_000]).unwrap();
+        assert_eq!(h.current().country(ip), Some(*b"GB"));
+        let e = h.reload().unwrap_err().to_string();
+        assert!(e.contains("is not a usable MaxMind DB file"), "{e}");
+        assert_eq!(h.current().country(ip), Some(*b"GB"));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! changes among them worth telling someone about). The stages themselves live in their modules (`event`, `keys`, `usage`); this
 //! file only drives them, and it never reads a file or writes SQL.
 
+mod retry;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -205,6 +207,8 @@ pub struct Pipeline {
     activity: crate::activity::ActivityTracker,
     /// Sources waiting to hear that their chunks of the current batch committed.
     acks: Vec<(CommitAck, ChunkOutcome)>,
+    /// Batch numbering and failure reporting of [`retry`].
+    commits: retry::Commits,
 }
 
 /// Queues the notification-worthy change `f` makes, when notifications are on.
@@ -250,6 +254,7 @@ impl Pipeline {
             totals_synced: Instant::now(),
             activity: Default::default(),
             acks: Vec::new(),
+            commits: Default::default(),
         }
     }
 
@@ -591,24 +596,6 @@ impl Pipeline {
         }
     }
 
-    /// Commits, retrying with backoff while the database is unavailable, until it succeeds
-    /// or `give_up` has passed. While it retries nothing is read, so the sources wait.
-    async fn flush_with_retry(&mut self, give_up: Option<Duration>) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(250);
-        loop {
-            match self.flush().await {
-                Ok(()) => return Ok(()),
-                Err(e) if give_up.is_some_and(|g| started.elapsed() >= g) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Could not commit counts; will retry.");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
-    }
-
     /// Consumes chunks until every sender is gone or `shutdown`, committing as it goes and
     /// once more at the end. `give_up` bounds how long a failing commit is retried.
     pub async fn run(
@@ -638,7 +625,7 @@ impl Pipeline {
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
             }
             if self.flush_due() {
-                self.flush_with_retry(give_up).await?;
+                self.flush_with_retry(give_up, &shutdown).await?;
                 // Right after a commit the state matches the checkpoints; saving it now and
                 // then bounds what a crash (kill -9) makes the detectors forget.
                 if self.state_saved.elapsed() >= STATE_SAVE_EVERY {
@@ -650,7 +637,7 @@ impl Pipeline {
                 self.sync_month_to_date().await;
             }
         }
-        self.flush_with_retry(give_up).await?;
+        self.flush_with_retry(give_up, &shutdown).await?;
         self.save_detector_state().await;
         Ok(self.stats)
     }

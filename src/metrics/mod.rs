@@ -1001,6 +1001,7 @@ pub struct Metrics {
     rejected: IntCounterVec,
     commit_seconds: Histogram,
     commit_failures: IntCounter,
+    commits_blocked: IntGauge,
     key_cache_keys: IntGauge,
     key_cache_orgs: IntGauge,
     key_cache_loaded: IntGauge,
@@ -1063,6 +1064,11 @@ impl Metrics {
             "Batch commits that failed and were retried.",
         )
         .expect("valid metric");
+        let commits_blocked = IntGauge::new(
+            "keywatch_commits_blocked",
+            "1 while batch commits fail and are retried: the sources are held back (nothing more is read once the pipeline's few buffered chunks are full); 0 otherwise.",
+        )
+        .expect("valid metric");
         let key_cache_keys = IntGauge::new("keywatch_key_cache_keys", "API keys in the key cache.")
             .expect("valid metric");
         let key_cache_orgs = IntGauge::new(
@@ -1112,6 +1118,7 @@ impl Metrics {
             Box::new(rejected.clone()),
             Box::new(commit_seconds.clone()),
             Box::new(commit_failures.clone()),
+            Box::new(commits_blocked.clone()),
             Box::new(key_cache_keys.clone()),
             Box::new(key_cache_orgs.clone()),
             Box::new(key_cache_loaded.clone()),
@@ -1134,6 +1141,7 @@ impl Metrics {
             rejected,
             commit_seconds,
             commit_failures,
+            commits_blocked,
             key_cache_keys,
             key_cache_orgs,
             key_cache_loaded,
@@ -1196,6 +1204,11 @@ impl Metrics {
         if !ok {
             self.commit_failures.inc();
         }
+    }
+
+    /// Records whether commits are failing (and the sources held back).
+    pub fn commits_blocked(&self, blocked: bool) {
+        self.commits_blocked.set(i64::from(blocked));
     }
 
     /// Takes the counts and findings of a batch that was just committed.

@@ -22,6 +22,11 @@ use super::lines::LineSplitter;
 use super::{Checkpoint, CheckpointReader, Chunk, SourceError};
 use crate::event::MAX_LINE_BYTES;
 
+/// How many files' last sent positions a source remembers (see `Tailer::sent`).
+const SENT_REMEMBERED: usize = 16;
+/// The longest wait between two attempts to read a checkpoint from a failing database.
+const MAX_CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
+
 /// How much of the first line goes into the fingerprint. A first line at least this long is
 /// identified by its first 8 KiB, which no later write can change.
 const FINGERPRINT_BYTES: usize = 8 * 1024;
@@ -150,6 +155,11 @@ struct Tailer<C> {
     path_state: PathState,
     /// Read buffer, reused across reads.
     buf: Vec<u8>,
+    /// Where the last line sent of each recent file ends (fingerprint, offset, line number).
+    /// Sent lines are in the pipeline and will be committed, so a file opened again within
+    /// this process (after a read error, or put back at the path) resumes after them rather
+    /// than at its committed checkpoint, which lags behind by up to a batch.
+    sent: std::collections::VecDeque<(String, u64, u64)>,
 }
 
 impl<C: CheckpointReader> Tailer<C> {
@@ -166,6 +176,7 @@ impl<C: CheckpointReader> Tailer<C> {
             summary: FileSummary::default(),
             path_state: PathState::Usable,
             buf: Vec::new(),
+            sent: Default::default(),
         }
     }
 
@@ -174,11 +185,76 @@ impl<C: CheckpointReader> Tailer<C> {
         loop {
             let open = self.open_path(at_startup).await?;
             at_startup = false;
-            match self.read_file(open).await? {
-                Next::Reopen => continue,
-                Next::Done => return Ok(()),
+            match self.read_file(open).await {
+                Ok(Next::Reopen) => continue,
+                Ok(Next::Done) => return Ok(()),
+                Err(SourceError::Io { source, .. }) if self.opts.follow => {
+                    // The open file failed to read (a disk error, a file system going away):
+                    // open the path again, which resumes after the last line sent when it
+                    // still names the same file.
+                    self.note_path(state_of(&source), Some(&source));
+                    tokio::time::sleep(self.opts.poll_interval).await;
+                }
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The committed checkpoint of `fingerprint`. Following, a database that does not answer
+    /// is waited for (logged once): the pipeline holds back meanwhile anyway.
+    async fn committed(&mut self, fingerprint: &str) -> Result<Option<Checkpoint>, SourceError> {
+        let mut delay = Duration::from_millis(250);
+        let mut failed = false;
+        loop {
+            match self.checkpoints.checkpoint(fingerprint).await {
+                Ok(cp) => {
+                    if failed {
+                        tracing::info!(path = %self.display, "Read the file's checkpoint; reading resumes.");
+                    }
+                    return Ok(cp);
+                }
+                Err(e) if !self.opts.follow => return Err(e.into()),
+                Err(e) => {
+                    if !failed {
+                        tracing::warn!(path = %self.display, error = %e, "Cannot read the file's checkpoint; retrying until the database answers.");
+                        failed = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_CHECKPOINT_RETRY);
+                }
+            }
+        }
+    }
+
+    /// The later of the committed checkpoint `cp` and where this process last sent lines of
+    /// the file up to.
+    fn resume_point(&self, fingerprint: &str, cp: Option<Checkpoint>) -> Option<Checkpoint> {
+        let sent = self.sent.iter().find(|s| s.0 == fingerprint);
+        match (cp, sent) {
+            (Some(cp), Some(s)) if cp.offset >= s.1 => Some(cp),
+            (cp, Some((fp, offset, line_no))) => Some(Checkpoint {
+                fingerprint: fp.clone(),
+                path: self.display.clone(),
+                offset: *offset,
+                line_no: *line_no,
+                seen: cp.map(|c| c.seen).unwrap_or_default(),
+            }),
+            (cp, None) => cp,
+        }
+    }
+
+    /// Remembers that lines of `fingerprint` were sent up to `offset`.
+    fn note_sent(&mut self, fingerprint: &str, offset: u64, line_no: u64) {
+        self.forget_sent(fingerprint);
+        if self.sent.len() >= SENT_REMEMBERED {
+            self.sent.pop_front();
+        }
+        self.sent
+            .push_back((fingerprint.to_owned(), offset, line_no));
+    }
+
+    fn forget_sent(&mut self, fingerprint: &str) {
+        self.sent.retain(|s| s.0 != fingerprint);
     }
 
     /// Opens the regular file at the path, waiting for one in follow mode.
@@ -261,7 +337,8 @@ impl<C: CheckpointReader> Tailer<C> {
         let found = if f.stale_fingerprint.as_deref() == Some(fingerprint.as_str()) {
             None
         } else {
-            self.checkpoints.checkpoint(&fingerprint).await?
+            let committed = self.committed(&fingerprint).await?;
+            self.resume_point(&fingerprint, committed)
         };
         let (offset, line_no) = match found {
             Some(cp) if cp.offset <= len => {
@@ -324,6 +401,8 @@ impl<C: CheckpointReader> Tailer<C> {
                     .map_err(|e| self.io_error(e))?;
                 if now.as_deref() != Some(track.fingerprint.as_str()) {
                     tracing::warn!(path = %self.display, "File was rewritten in place; reading it again from the start.");
+                    let old = track.fingerprint.clone();
+                    self.forget_sent(&old);
                     f.start_over();
                     return Ok(false);
                 }
@@ -375,6 +454,7 @@ impl<C: CheckpointReader> Tailer<C> {
             .send(chunk)
             .await
             .map_err(|_| SourceError::PipelineClosed)?;
+        self.note_sent(&track.fingerprint, track.splitter.offset(), line_no);
         self.summary.lines += line_no + 1 - first_line_no;
         Ok(())
     }
@@ -388,6 +468,10 @@ impl<C: CheckpointReader> Tailer<C> {
         let len = file_len(&f.file).await.map_err(|e| self.io_error(e))?;
         if len < f.pos {
             tracing::warn!(path = %self.display, len, offset = f.pos, "File was truncated; reading it again from the start.");
+            if let Some(t) = &f.track {
+                let old = t.fingerprint.clone();
+                self.forget_sent(&old);
+            }
             f.start_over();
         }
         Ok(())
@@ -477,6 +561,12 @@ async fn blocking<T: Send + 'static>(
 /// fail or block later instead). Returns the file with its device and inode.
 async fn open_regular(path: PathBuf) -> io::Result<(File, u64, u64)> {
     blocking(move || {
+        // Looked at before opening too: opening a FIFO for reading would block until a
+        // writer comes.
+        let before = std::fs::metadata(&path)?;
+        if !before.is_file() {
+            return Err(not_regular(&before));
+        }
         let file = File::open(&path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {

@@ -162,9 +162,14 @@ pub enum SourceError {
 }
 
 /// Which sources are reading, for `/readyz`: a source is down, with the reason, while it
-/// retries a server it cannot reach and once it has stopped; up while it reads.
+/// retries a server it cannot reach and once it has stopped; up while it reads. Also whether
+/// the pipeline's commits fail (which holds every source back).
 #[derive(Debug, Clone, Default)]
-pub struct Health(Arc<Mutex<std::collections::BTreeMap<String, Option<String>>>>);
+pub struct Health {
+    sources: Arc<Mutex<std::collections::BTreeMap<String, Option<String>>>>,
+    /// Why commits fail, and since when, while the pipeline retries them.
+    commits: Arc<Mutex<Option<(std::time::Instant, String)>>>,
+}
 
 impl Health {
     /// `name` is reading.
@@ -178,7 +183,7 @@ impl Health {
     }
 
     fn set(&self, name: &str, state: Option<String>) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         match m.get_mut(name) {
             Some(s) => *s = state,
             None => {
@@ -187,9 +192,22 @@ impl Health {
         }
     }
 
+    /// Commits fail because of `why` (`None`: they succeed again).
+    pub fn commits(&self, why: Option<String>) {
+        let mut c = self.commits.lock().unwrap_or_else(|e| e.into_inner());
+        *c = why.map(|w| (c.as_ref().map_or_else(std::time::Instant::now, |c| c.0), w));
+    }
+
+    /// How long commits have been failing, and why, while they do.
+    pub fn commits_failing(&self) -> Option<(std::time::Duration, String)> {
+        let c = self.commits.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref()
+            .map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
     /// The sources that are down, with why.
     pub fn failing(&self) -> Vec<(String, String)> {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         m.iter()
             .filter_map(|(n, s)| Some((n.clone(), s.clone()?)))
             .collect()

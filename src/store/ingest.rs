@@ -26,9 +26,23 @@ pub struct DeadLetter {
     pub line: String,
 }
 
+/// Which batch of which pipeline a commit is: a pipeline numbers its batches from 1 under a
+/// random writer id, and each commit records its number in the same transaction, so a batch
+/// retried after a commit whose answer was lost is recognised and not counted twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitMarker {
+    pub writer: String,
+    pub seq: i64,
+}
+
+/// How long the marker of a pipeline that no longer commits is kept.
+const MARKER_RETENTION_DAYS: i64 = 7;
+
 /// Everything one commit writes.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Set by the pipeline before the first attempt to commit the batch, kept across retries.
+    pub marker: Option<CommitMarker>,
     pub rollup: Rollup,
     /// The newest checkpoint of each file source covered by the batch.
     pub checkpoints: Vec<(String, Checkpoint)>,
@@ -124,6 +138,33 @@ impl Store {
         let postgres = matches!(self.pool, super::Pool::Postgres(_));
         with_pool!(self, p => {
             let mut tx = p.begin().await.context("starting a transaction")?;
+            if let Some(m) = &batch.marker {
+                // First, so that a retry waits on the row lock of an attempt whose COMMIT is
+                // still in flight, then sees its number.
+                let newer = sqlx::query(
+                    "INSERT INTO kw_commit_markers (writer, seq, committed_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, \
+                     committed_at = excluded.committed_at WHERE kw_commit_markers.seq < excluded.seq",
+                )
+                .bind(&m.writer)
+                .bind(m.seq)
+                .bind(DbTime(now))
+                .execute(&mut *tx)
+                .await
+                .context("numbering a batch")?
+                .rows_affected();
+                if newer == 0 {
+                    tracing::info!(writer = %m.writer, seq = m.seq, "The batch was committed by an attempt whose answer was lost; not counting it again.");
+                    return tx.rollback().await.context("committing a batch");
+                }
+                if m.seq == 1 {
+                    sqlx::query("DELETE FROM kw_commit_markers WHERE committed_at < $1")
+                        .bind(DbTime(now - chrono::Duration::days(MARKER_RETENTION_DAYS)))
+                        .execute(&mut *tx)
+                        .await
+                        .context("forgetting old batch numbers")?;
+                }
+            }
             for g in Granularity::ALL {
                 let rows: Vec<(&SeriesKey, &Counters)> = batch.rollup.series(g).iter().collect();
                 for chunk in rows.chunks(ROWS_PER_STATEMENT) {

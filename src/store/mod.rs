@@ -17,7 +17,7 @@ pub mod retention;
 
 pub use alerts::{AlertAction, AlertFilter, BenignPlace, StoredAlert};
 pub use auth_log::{AuthLog, AuthTable, LogRow};
-pub use ingest::{Batch, DeadLetter};
+pub use ingest::{Batch, CommitMarker, DeadLetter};
 pub use keys::{NewKeyRow, NewOrg};
 pub use notify::{DeliveryLease, OutboxDepth, QueuedNotification, StoredSilence};
 pub use report::{ActivityRow, SegmentQuery, UsageAggregate};
@@ -74,6 +74,93 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "cannot open the database at {url}: {why}, and SQLite must write beside the file (its journal)"
+    )]
+    SqliteDir { url: String, why: String },
+    /// A commit failed for a reason waiting will not cure (the SQLite file's disk is full,
+    /// the file is read-only or damaged): the daemon stops rather than retry forever.
+    #[error(
+        "cannot write to the database at {url}: {why} ({source}); keywatch stopped with every count and checkpoint up to its last commit kept, so fix this and start it again to continue from there"
+    )]
+    Unwritable {
+        url: String,
+        why: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl StoreError {
+    /// Why retrying cannot help, when that is so: a SQLite file whose disk is full, that is
+    /// read-only, damaged or cannot be opened, or a statement the database refuses whatever
+    /// the moment. `None` for what passes: a server restarting, unreachable or busy, a lock.
+    pub fn permanent(&self) -> Option<&'static str> {
+        match self {
+            StoreError::Query { source, .. } | StoreError::Connect { source, .. } => {
+                permanent(source)
+            }
+            StoreError::Unwritable { why, .. } => Some(why),
+            StoreError::UnsupportedUrl { .. } | StoreError::Invalid(_) => {
+                Some("the request is invalid")
+            }
+            StoreError::SqliteDir { .. } => Some("the directory is not writable"),
+            StoreError::Migrate { .. } => Some("the migrations do not apply"),
+        }
+    }
+
+    /// This error as [`StoreError::Unwritable`] for the database at `url`, when it is a
+    /// permanent failure of a statement.
+    pub fn unwritable(self, url: &str) -> StoreError {
+        match (self.permanent(), self) {
+            (Some(why), StoreError::Query { source, .. }) => StoreError::Unwritable {
+                url: url.to_owned(),
+                why,
+                source,
+            },
+            (_, other) => other,
+        }
+    }
+}
+
+/// See [`StoreError::permanent`].
+fn permanent(e: &sqlx::Error) -> Option<&'static str> {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => None,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
+            if let (true, Ok(extended)) = (sqlite, code.parse::<u32>()) {
+                // SQLite result codes (the low byte is the primary code).
+                match extended & 0xff {
+                    5 | 6 => None, // SQLITE_BUSY, SQLITE_LOCKED
+                    13 => Some("the disk is full"),
+                    8 => Some("the file is read-only"),
+                    10 => Some("the disk failed to read or write"),
+                    11 | 26 => Some("the file is damaged or not a database"),
+                    3 | 23 => Some("permission denied"),
+                    14 => Some("the file cannot be opened"),
+                    _ => Some("SQLite refused the write"),
+                }
+            } else {
+                // SQLSTATE classes of PostgreSQL that pass: connection exceptions (08),
+                // insufficient resources (53), operator intervention such as a shutdown or
+                // restart (57), system errors (58) and rolled-back transactions (40).
+                match code.get(..2) {
+                    Some("08" | "53" | "57" | "58" | "40") => None,
+                    _ => Some("the database refused the batch"),
+                }
+            }
+        }
+        _ => Some("the database refused the batch"),
+    }
 }
 
 /// Adds what a failed statement was for.
@@ -140,13 +227,22 @@ impl Store {
                 // page cache makes every upsert a system call (measured: 70% of ingest time).
                 .pragma("cache_size", "-65536")
                 .pragma("mmap_size", "268435456");
-            Pool::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(4)
-                    .connect_with(opts)
-                    .await
-                    .map_err(connect_err)?,
-            )
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await;
+            match pool {
+                Ok(p) => Pool::Sqlite(p),
+                Err(e) => {
+                    return Err(match sqlite_dir_unwritable(url) {
+                        Some(why) => StoreError::SqliteDir {
+                            url: shown.clone(),
+                            why,
+                        },
+                        None => connect_err(e),
+                    });
+                }
+            }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = PgConnectOptions::from_str(url).map_err(connect_err)?;
             Pool::Postgres(
@@ -211,6 +307,34 @@ impl Store {
 
     pub async fn close(&self) {
         with_pool!(self, p => p.close().await)
+    }
+}
+
+/// Why the directory of the SQLite file at `url` cannot be written, when it cannot: a
+/// read-only file system, a permission. Asked only once opening failed, to say which.
+fn sqlite_dir_unwritable(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))?;
+    let file = std::path::Path::new(rest.split('?').next()?);
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let probe = dir.join(format!(".keywatch-write-test-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => Some(format!(
+            "its directory {} is not writable ({e})",
+            dir.display()
+        )),
     }
 }
 

@@ -333,6 +333,18 @@ pub fn simulate(db: &TestDb, out: &Path, extra: &[&str]) {
     kw_ok(db, &args);
 }
 
+/// Appends `lines`, each with a newline, to the file at `path` (created if missing).
+pub fn append(path: &Path, lines: &[String]) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+}
+
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
