@@ -164,6 +164,7 @@ impl GeoDb {
             // database by renaming a new file over it, which leaves this mapping's inode intact;
             // a file truncated in place could fault, which is why keywatch documents that
             // databases must be replaced by rename.
+            #[allow(unsafe_code)] // The one exception to the crate's deny(unsafe_code): see SAFETY.
             let reader = unsafe { Reader::open_mmap(&p) }.map_err(|source| GeoError::Open {
                 path: p.display().to_string(),
                 source,

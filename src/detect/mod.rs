@@ -617,6 +617,7 @@ impl Settings {
         within("auth", "distinct_ips", a.distinct_ips, 2, 128)?;
         within("auth", "failures", a.failures, 1, u32::MAX)?;
         within("auth", "recovery_minutes", a.recovery_minutes, 1, 1440)?;
+        within("auth", "max_subjects", a.max_subjects, 10, 10_000_000)?;
         within(
             "lifecycle",
             "recovery_hours",
