@@ -427,11 +427,12 @@ fn a_flood_of_distinct_prefixes_addresses_and_mcps_is_bounded_and_counted_exactl
     assert!(subjects.is_some_and(|n| n <= 2000.0), "{subjects:?}");
     assert!(evicted(&first).is_some_and(|n| n > 0.0), "evictions counted: {first}");
     assert!(evicted(&metrics).unwrap() > evicted(&first).unwrap());
-    assert!(folded.is_some_and(|n| n >= 10_000.0), "{folded:?}");
+    // Each sighting of a name /metrics does not remember is folded into `other` again.
+    assert!(folded.is_some_and(|n| n >= 100_000.0), "{folded:?}");
     // The heap: the database file, which grows with every new MCP name, is mapped and its
     // pages count in RSS, but they are the kernel's to drop.
     assert!(
-        anon <= anon_warm + anon_warm / 10,
+        anon <= anon_warm + anon_warm / 4,
         "memory grew with the flood: {} MiB after {warm} lines, {} MiB after {total}",
         anon_warm / 1024,
         anon / 1024,
