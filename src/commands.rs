@@ -53,10 +53,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let alerts = load_alerts(&args.alerts)?;
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let notify = app::notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
-            let hmac_secret = crate::secret::from(
-                HMAC_SECRET_VAR,
-                args.api.hmac_secret_file.as_deref(),
-            )?;
+            let hmac_secret =
+                crate::secret::from(HMAC_SECRET_VAR, args.api.hmac_secret_file.as_deref())?;
             let api_auth = crate::api::auth::AuthSettings::new(
                 hmac_secret.as_deref(),
                 &args.api.admin_token_sha256,

@@ -129,6 +129,10 @@ mod tests {
             Err(SecretError::Empty { .. })
         ));
         let missing = read_file("X_FILE", &dir.path().join("nope")).unwrap_err();
-        assert!(missing.to_string().starts_with("cannot read the secret file "));
+        assert!(
+            missing
+                .to_string()
+                .starts_with("cannot read the secret file ")
+        );
     }
 }

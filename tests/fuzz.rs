@@ -67,7 +67,11 @@ fn check_line(line: &[u8]) -> Result<(), TestCaseError> {
         }
         Err(e) => {
             prop_assert!(RejectReason::ALL.contains(&e.reason));
-            prop_assert!(!e.detail.is_empty() && !e.detail.contains('\n'), "{:?}", e.detail);
+            prop_assert!(
+                !e.detail.is_empty() && !e.detail.contains('\n'),
+                "{:?}",
+                e.detail
+            );
             prop_assert!(e.detail.len() < 400, "a short detail: {}", e.detail.len());
             if line.len() > MAX_LINE_BYTES + 1 {
                 prop_assert_eq!(e.reason, RejectReason::TooLong);

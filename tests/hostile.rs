@@ -143,7 +143,11 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Option<RejectReason>)> {
 fn hostile_shapes_have_a_defined_meaning() {
     for (what, line, want) in hostile_cases() {
         let got = parse_line(&line);
-        assert_eq!(got.as_ref().err().map(|e| e.reason), want, "{what}: {got:?}");
+        assert_eq!(
+            got.as_ref().err().map(|e| e.reason),
+            want,
+            "{what}: {got:?}"
+        );
         if let Ok(r) = got {
             if what.contains("IPv4-mapped") {
                 assert_eq!(r.source_ip, Some("81.2.69.160".parse().unwrap()), "{what}");
@@ -161,7 +165,10 @@ fn hostile_shapes_have_a_defined_meaning() {
 #[test]
 fn hostile_lines_through_the_binary_are_counted_or_kept_with_reason_and_line() {
     let db = TestDb::new(Backend::Sqlite).unwrap();
-    let org = kw_ok(&db, &["orgs", "create", "--name", "Hostile", "--tier", "pro"]);
+    let org = kw_ok(
+        &db,
+        &["orgs", "create", "--name", "Hostile", "--tier", "pro"],
+    );
     kw_ok(&db, &["keys", "create", "--org", org.trim(), "--name", "k"]);
     let key_id = db.query("SELECT id FROM api_keys")[0][0].clone().unwrap();
     let mut log = Vec::new();
@@ -193,7 +200,11 @@ fn hostile_lines_through_the_binary_are_counted_or_kept_with_reason_and_line() {
     }
     // Refused keys from one address written both ways: one address trying 24 prefixes.
     for i in 0..24 {
-        let ip = if i % 2 == 0 { "203.0.113.9" } else { "::ffff:203.0.113.9" };
+        let ip = if i % 2 == 0 {
+            "203.0.113.9"
+        } else {
+            "::ffff:203.0.113.9"
+        };
         let line = format!(
             r#"{{"created_at":"2026-11-20T12:01:{i:02}Z","http_status_code":401,"key_prefix":"pmcp_01{i:05x}","source_ip":"{ip}"}}"#
         );
@@ -201,10 +212,21 @@ fn hostile_lines_through_the_binary_are_counted_or_kept_with_reason_and_line() {
     }
     let path = db.path("hostile.log");
     std::fs::write(&path, &log).unwrap();
-    let geoip = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/geoip/GeoIP2-City-Test.mmdb");
+    let geoip = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/geoip/GeoIP2-City-Test.mmdb"
+    );
     let out = kw_ok(
         &db,
-        &["--geoip", geoip, "ingest", "--no-progress", "--format", "json", path.to_str().unwrap()],
+        &[
+            "--geoip",
+            geoip,
+            "ingest",
+            "--no-progress",
+            "--format",
+            "json",
+            path.to_str().unwrap(),
+        ],
     );
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["data"]["accepted"], accepted, "{v}");
@@ -215,7 +237,10 @@ fn hostile_lines_through_the_binary_are_counted_or_kept_with_reason_and_line() {
         .map(|r| {
             let detail = r[2].clone().unwrap();
             assert!(!detail.is_empty() && !detail.contains('\n'), "{detail}");
-            (r[0].clone().unwrap().parse().unwrap(), r[1].clone().unwrap())
+            (
+                r[0].clone().unwrap().parse().unwrap(),
+                r[1].clone().unwrap(),
+            )
         })
         .collect();
     assert_eq!(dead, expected_dead);
@@ -229,14 +254,42 @@ fn hostile_lines_through_the_binary_are_counted_or_kept_with_reason_and_line() {
         .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
         .collect();
     let has = |facet: &str, value: &str| activity.contains(&(facet.to_owned(), value.to_owned()));
-    assert!(has("ip", "81.2.69.160") && has("ip", "2001:db8::1"), "{activity:?}");
-    assert!(!activity.iter().any(|(_, v)| v.contains("::ffff:")), "{activity:?}");
-    assert!(has("country", "GB"), "the mapped address is located: {activity:?}");
+    assert!(
+        has("ip", "81.2.69.160") && has("ip", "2001:db8::1"),
+        "{activity:?}"
+    );
+    assert!(
+        !activity.iter().any(|(_, v)| v.contains("::ffff:")),
+        "{activity:?}"
+    );
+    assert!(
+        has("country", "GB"),
+        "the mapped address is located: {activity:?}"
+    );
 
-    let alerts = kw_ok(&db, &["report", "alerts", "--type", "auth_failure_burst", "--format", "json"]);
+    let alerts = kw_ok(
+        &db,
+        &[
+            "report",
+            "alerts",
+            "--type",
+            "auth_failure_burst",
+            "--format",
+            "json",
+        ],
+    );
     let alerts: Value = serde_json::from_str(&alerts).unwrap();
-    let ips: Vec<&Value> = alerts["data"].as_array().unwrap().iter().map(|a| &a["source_ip"]).collect();
-    assert_eq!(ips, ["203.0.113.9"], "one address, whichever way it is written: {alerts}");
+    let ips: Vec<&Value> = alerts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["source_ip"])
+        .collect();
+    assert_eq!(
+        ips,
+        ["203.0.113.9"],
+        "one address, whichever way it is written: {alerts}"
+    );
 }
 
 #[test]
@@ -258,13 +311,22 @@ fn a_log_of_hostile_lines_loses_nothing() {
     std::fs::write(&path, &log).unwrap();
     let out = kw_ok(
         &db,
-        &["ingest", "--no-progress", "--format", "json", path.to_str().unwrap()],
+        &[
+            "ingest",
+            "--no-progress",
+            "--format",
+            "json",
+            path.to_str().unwrap(),
+        ],
     );
     let v: Value = serde_json::from_str(&out).unwrap();
     let accepted = v["data"]["accepted"].as_u64().unwrap();
     let rejected = v["data"]["rejected"].as_u64().unwrap();
     assert_eq!(accepted + rejected, n, "{v}");
-    assert!(accepted > 200 && rejected > 200, "both paths exercised: {v}");
+    assert!(
+        accepted > 200 && rejected > 200,
+        "both paths exercised: {v}"
+    );
     let kept = db.query("SELECT CAST(COUNT(*) AS TEXT) FROM kw_dead_letters");
     assert_eq!(kept[0][0].as_deref(), Some(rejected.to_string().as_str()));
     let total = db.query("SELECT CAST(SUM(requests) AS TEXT) FROM kw_usage_day");
@@ -331,7 +393,8 @@ fn an_endless_line_is_refused_in_bounded_memory() {
     {
         use std::io::Write;
         let mut f = std::io::BufWriter::new(std::fs::File::create(&log).unwrap());
-        f.write_all(br#"{"created_at":"2026-11-20T12:00:00Z","user_agent":""#).unwrap();
+        f.write_all(br#"{"created_at":"2026-11-20T12:00:00Z","user_agent":""#)
+            .unwrap();
         let chunk = vec![b'A'; 1 << 20];
         for _ in 0..256 {
             f.write_all(&chunk).unwrap();
@@ -345,17 +408,25 @@ fn an_endless_line_is_refused_in_bounded_memory() {
     let peak_mib = d.peak_rss_kib() / 1024;
     let too_long: f64 = metrics
         .lines()
-        .filter(|l| l.starts_with("keywatch_lines_rejected_total{") && l.contains("reason=\"too_long\""))
+        .filter(|l| {
+            l.starts_with("keywatch_lines_rejected_total{") && l.contains("reason=\"too_long\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(too_long, 1.0, "{metrics}");
     assert!(d.terminate().success());
     eprintln!("peak RSS reading a 256 MiB line: {peak_mib} MiB");
-    assert!(peak_mib < 200, "peak RSS {peak_mib} MiB: the line was held in memory");
+    assert!(
+        peak_mib < 200,
+        "peak RSS {peak_mib} MiB: the line was held in memory"
+    );
     assert_eq!(common::total_requests(&db), 1);
     let kept = db.query("SELECT reason, CAST(LENGTH(line) AS TEXT) FROM kw_dead_letters");
     assert_eq!(kept[0][0].as_deref(), Some("too_long"));
-    assert!(kept[0][1].as_deref().unwrap().parse::<u64>().unwrap() <= 8 * 1024, "a dead letter keeps the line's start");
+    assert!(
+        kept[0][1].as_deref().unwrap().parse::<u64>().unwrap() <= 8 * 1024,
+        "a dead letter keeps the line's start"
+    );
 }
 
 /// Distinct MCP names in the flood: twice what /metrics remembers.
@@ -369,7 +440,13 @@ fn flood(first: u64, n: u64) -> Vec<u8> {
     for i in first..first + n {
         let ms = i * 5;
         let ip = if i % 2 == 0 {
-            format!("{}.{}.{}.{}", 11 + (i >> 24) % 200, (i >> 16) & 255, (i >> 8) & 255, i & 255)
+            format!(
+                "{}.{}.{}.{}",
+                11 + (i >> 24) % 200,
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                i & 255
+            )
         } else {
             format!("2001:db8::{:x}:{:x}", i >> 16, i & 0xffff)
         };
@@ -412,20 +489,33 @@ fn a_flood_of_distinct_prefixes_addresses_and_mcps_is_bounded_and_counted_exactl
     let total = warm + more;
     let metrics = scrape_when_read(&mut d, &addr, total as f64);
     let (peak, anon) = (d.peak_rss_kib(), d.anon_rss_kib());
-    let evicted = |m: &str| common::sample(m, r#"keywatch_state_evictions_total{state="auth_subjects"}"#);
+    let evicted = |m: &str| {
+        common::sample(
+            m,
+            r#"keywatch_state_evictions_total{state="auth_subjects"}"#,
+        )
+    };
     let subjects = common::sample(&metrics, r#"keywatch_detection_subjects{detector="auth"}"#);
-    let folded = common::sample(&metrics, r#"keywatch_metrics_series_folded_total{family="mcp"}"#);
+    let folded = common::sample(
+        &metrics,
+        r#"keywatch_metrics_series_folded_total{family="mcp"}"#,
+    );
     eprintln!(
         "flood: heap {} MiB (peak RSS {} MiB) after {warm} lines, {} MiB ({} MiB) after {total}; database {} MiB; auth subjects {subjects:?}, evictions {:?}, MCPs folded {folded:?}",
         anon_warm / 1024,
         peak_warm / 1024,
         anon / 1024,
         peak / 1024,
-        std::fs::metadata(db.path("keywatch.db")).map(|m| m.len() >> 20).unwrap_or(0),
+        std::fs::metadata(db.path("keywatch.db"))
+            .map(|m| m.len() >> 20)
+            .unwrap_or(0),
         evicted(&metrics)
     );
     assert!(subjects.is_some_and(|n| n <= 2000.0), "{subjects:?}");
-    assert!(evicted(&first).is_some_and(|n| n > 0.0), "evictions counted: {first}");
+    assert!(
+        evicted(&first).is_some_and(|n| n > 0.0),
+        "evictions counted: {first}"
+    );
     assert!(evicted(&metrics).unwrap() > evicted(&first).unwrap());
     // Each sighting of a name /metrics does not remember is folded into `other` again.
     assert!(folded.is_some_and(|n| n >= 100_000.0), "{folded:?}");
@@ -438,5 +528,9 @@ fn a_flood_of_distinct_prefixes_addresses_and_mcps_is_bounded_and_counted_exactl
         anon / 1024,
     );
     assert!(d.terminate().success());
-    assert_eq!(common::total_requests(&db), total, "every line counted once");
+    assert_eq!(
+        common::total_requests(&db),
+        total,
+        "every line counted once"
+    );
 }

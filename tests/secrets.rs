@@ -39,7 +39,10 @@ fn stderr(out: &Output) -> String {
 /// One line, no panic or backtrace.
 fn assert_one_sentence(err: &str) {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -59,7 +62,10 @@ fn a_non_loopback_listen_needs_metrics_protected_or_public() {
         );
     }
     let help = kw_ok(&db, &["run", "--help"]);
-    assert!(help.contains("[default: 127.0.0.1:9464]"), "loopback by default: {help}");
+    assert!(
+        help.contains("[default: 127.0.0.1:9464]"),
+        "loopback by default: {help}"
+    );
 
     // Explicitly public: it starts, and anyone may scrape.
     let port = free_port();
@@ -95,11 +101,18 @@ fn a_non_loopback_listen_needs_metrics_protected_or_public() {
     };
     assert_eq!(scrape_with("").0, 401);
     assert_eq!(scrape_with("Authorization: Bearer wrong\r\n").0, 401);
-    assert_eq!(scrape_with(&format!("Authorization: Bearer {token}x\r\n")).0, 401);
+    assert_eq!(
+        scrape_with(&format!("Authorization: Bearer {token}x\r\n")).0,
+        401
+    );
     let (status, _, body) = scrape_with(&format!("Authorization: Bearer {token}\r\n"));
     assert_eq!(status, 200);
     assert!(body.contains("keywatch_build_info"), "{body}");
-    assert_eq!(get(&addr, "/healthz", "text/plain").unwrap().0, 200, "probes stay open");
+    assert_eq!(
+        get(&addr, "/healthz", "text/plain").unwrap().0,
+        200,
+        "probes stay open"
+    );
     assert!(d.terminate().success());
 
     let out = run_cmd(&db, "127.0.0.1:0", &["--metrics-token-sha256", "nothex"])
@@ -107,7 +120,11 @@ fn a_non_loopback_listen_needs_metrics_protected_or_public() {
         .unwrap();
     assert!(!out.status.success());
     assert_one_sentence(&stderr(&out));
-    assert!(stderr(&out).contains("metrics token hash \"nothex\""), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("metrics token hash \"nothex\""),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn secret_file(dir: &Path, name: &str, text: &str, mode: u32) -> std::path::PathBuf {
@@ -194,22 +211,34 @@ receiver = "mail"
         ),
     )
     .unwrap();
-    let bad = keywatch().arg("check-config").arg(&pasted).output().unwrap();
+    let bad = keywatch()
+        .arg("check-config")
+        .arg(&pasted)
+        .output()
+        .unwrap();
     assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("password_env names an environment variable"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("password_env names an environment variable"),
+        "{}",
+        stderr(&bad)
+    );
 
     // The daemon with every secret set (the HMAC secret from an owner-only file), at debug.
     let owner_only = secret_file(db.dir.path(), "hmac", &format!("{HMAC_SECRET}\n"), 0o600);
     let port = free_port();
-    let child = run_cmd(&db, &format!("127.0.0.1:{port}"), &["--log", "debug", "--alerts"])
-        .arg(&cfg)
-        .envs(env)
-        .env_remove("KEYWATCH_API_KEY_HMAC_SECRET")
-        .env("KEYWATCH_API_KEY_HMAC_SECRET_FILE", &owner_only)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = run_cmd(
+        &db,
+        &format!("127.0.0.1:{port}"),
+        &["--log", "debug", "--alerts"],
+    )
+    .arg(&cfg)
+    .envs(env)
+    .env_remove("KEYWATCH_API_KEY_HMAC_SECRET")
+    .env("KEYWATCH_API_KEY_HMAC_SECRET_FILE", &owner_only)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut d = KillOnDrop(child);
     let addr = format!("127.0.0.1:{port}");
     wait_healthy(&mut d, &addr);
@@ -218,13 +247,27 @@ receiver = "mail"
         &addr,
         &format!("GET /v1/usage HTTP/1.0\r\nAuthorization: Bearer {HMAC_SECRET}\r\n\r\n"),
     );
-    let _ = Command::new("kill").arg("-TERM").arg(d.0.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(d.0.id().to_string())
+        .status();
     let mut logs = String::new();
     use std::io::Read;
-    d.0.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-    d.0.stdout.take().unwrap().read_to_string(&mut logs).unwrap();
+    d.0.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    d.0.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
     assert!(d.0.wait().unwrap().success(), "{logs}");
-    assert!(logs.contains("Alert receiver ready"), "the daemon ran at debug: {logs}");
+    assert!(
+        logs.contains("Alert receiver ready"),
+        "the daemon ran at debug: {logs}"
+    );
     for out in [stderr(&out), stderr(&bad), logs, metrics] {
         for secret in [HMAC_SECRET, hook_secret, smtp_password] {
             assert!(!out.contains(secret), "{secret} echoed: {out}");
@@ -250,7 +293,10 @@ fn leaked_keys(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(i) = rest.find("pmcp_") {
-        let hex: String = rest[i + 5..].chars().take_while(char::is_ascii_hexdigit).collect();
+        let hex: String = rest[i + 5..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
         if hex.len() >= 24 {
             out.push(format!("pmcp_{hex}"));
         }
@@ -279,7 +325,11 @@ for p in sys.argv[1:]:
         .args(paths)
         .output()
         .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -294,7 +344,16 @@ fn no_full_key_is_written_anywhere() {
     let db = TestDb::new(Backend::Sqlite).unwrap();
     let org = kw_ok(&db, &["orgs", "create", "--name", "Leaky", "--tier", "pro"]);
     let created = keywatch()
-        .args(["--database-url", &db.url, "keys", "create", "--org", org.trim(), "--name", "k"])
+        .args([
+            "--database-url",
+            &db.url,
+            "keys",
+            "create",
+            "--org",
+            org.trim(),
+            "--name",
+            "k",
+        ])
         .args(["--scopes", "reports:read"])
         .env("KEYWATCH_API_KEY_HMAC_SECRET", HMAC_SECRET)
         .output()
@@ -328,9 +387,13 @@ fn no_full_key_is_written_anywhere() {
         ));
         log.push('\n');
         log.push_str(&format!("not json at all {k}\n"));
-        log.push_str(&format!(r#"{{"created_at":"yesterday {k}","http_status_code":200}}"#));
+        log.push_str(&format!(
+            r#"{{"created_at":"yesterday {k}","http_status_code":200}}"#
+        ));
         log.push('\n');
-        log.push_str(&format!(r#"{{"created_at":"2026-11-20T12:01:00Z","http_status_code":"{k}"}}"#));
+        log.push_str(&format!(
+            r#"{{"created_at":"2026-11-20T12:01:00Z","http_status_code":"{k}"}}"#
+        ));
         log.push('\n');
         log.push_str(&format!(r#"{{"x":"{k}","y":"{}"}}"#, "A".repeat(70_000)));
         log.push('\n');
@@ -348,7 +411,10 @@ fn no_full_key_is_written_anywhere() {
     let smtp_port = free_port();
     let mut sink = KillOnDrop(
         Command::new("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/smtp_sink.py"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/smtp_sink.py"
+            ))
             .arg(smtp_port.to_string())
             .arg(&mail_dir)
             .stdout(Stdio::piped())
@@ -390,6 +456,9 @@ group_interval = "1s"
 [[routes]]
 receiver = "mbox"
 continue = true
+
+[[routes]]
+receiver = "smtp"
 "#,
             mbox.display()
         ),
@@ -399,7 +468,15 @@ continue = true
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let child = keywatch()
-        .args(["--database-url", &db.url, "--log", "debug", "run", "--listen", &addr])
+        .args([
+            "--database-url",
+            &db.url,
+            "--log",
+            "debug",
+            "run",
+            "--listen",
+            &addr,
+        ])
         .arg("--alerts")
         .arg(&cfg)
         .arg("--source")
@@ -425,7 +502,9 @@ continue = true
     let mut answers = String::new();
     for (i, k) in fakes.iter().enumerate().take(4) {
         let req = match i {
-            0 => format!("GET /v1/usage HTTP/1.0\r\nAuthorization: ApiKey {k}\r\nUser-Agent: {k}\r\n\r\n"),
+            0 => format!(
+                "GET /v1/usage HTTP/1.0\r\nAuthorization: ApiKey {k}\r\nUser-Agent: {k}\r\n\r\n"
+            ),
             1 => format!("GET /v1/usage?key={k} HTTP/1.0\r\nAuthorization: Bearer {k}\r\n\r\n"),
             2 => format!("GET /v1/keys/{k}/activity HTTP/1.0\r\nX-API-Key: {k}\r\n\r\n"),
             _ => format!("GET /{k} HTTP/1.0\r\nAuthorization: ApiKey {k}\r\n\r\n"),
@@ -436,11 +515,21 @@ continue = true
         }
     }
     let sent = wait_until(Duration::from_secs(60), || {
-        std::fs::read_dir(&mail_dir).unwrap().any(|e| {
-            e.unwrap().path().extension().is_some_and(|x| x == "eml")
-        }) && std::fs::metadata(&mbox).is_ok_and(|m| m.len() > 0)
+        std::fs::read_dir(&mail_dir)
+            .unwrap()
+            .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "eml"))
+            && std::fs::metadata(&mbox).is_ok_and(|m| m.len() > 0)
     });
-    assert!(sent, "alerts were mailed and written to the mailbox");
+    if !sent {
+        let _ = d.0.kill();
+        let _ = d.0.wait();
+        let logs = logs.join().unwrap();
+        let alerts = kw_ok(&db, &["report", "alerts", "--format", "json"]);
+        panic!(
+            "alerts were not mailed and written to the mailbox: {alerts}\n{}",
+            &logs[logs.len().saturating_sub(6000)..]
+        );
+    }
     let bearer = format!("Authorization: Bearer {admin}\r\n");
     for path in [
         "/v1/alerts".to_owned(),
@@ -463,12 +552,35 @@ continue = true
     let reports = [
         kw_ok(&db, &["report", "rejected", "--format", "json"]),
         kw_ok(&db, &["report", "alerts", "--format", "json"]),
-        kw_ok(&db, &["report", "usage", "--group-by", "mcp", "--format", "csv"]),
-        kw_ok(&db, &["report", "activity", "--key", &key_id, "--from", "2026-11-19T00:00:00Z", "--until", "2026-11-21T00:00:00Z", "--format", "json"]),
+        kw_ok(
+            &db,
+            &["report", "usage", "--group-by", "mcp", "--format", "csv"],
+        ),
+        kw_ok(
+            &db,
+            &[
+                "report",
+                "activity",
+                "--key",
+                &key_id,
+                "--from",
+                "2026-11-19T00:00:00Z",
+                "--until",
+                "2026-11-21T00:00:00Z",
+                "--format",
+                "json",
+            ],
+        ),
     ]
     .join("\n");
-    assert!(reports.contains("key_in_logs"), "the leak itself was detected: {reports}");
-    assert!(reports.contains("not_json") && reports.contains("too_long"), "{reports}");
+    assert!(
+        reports.contains("key_in_logs"),
+        "the leak itself was detected: {reports}"
+    );
+    assert!(
+        reports.contains("not_json") && reports.contains("too_long"),
+        "{reports}"
+    );
     let dump = Command::new("sqlite3")
         .arg(db.path("keywatch.db"))
         .arg(".dump")
@@ -476,10 +588,15 @@ continue = true
         .expect("sqlite3 (installed by .ci/run)");
     assert!(dump.status.success());
     let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
-    assert!(dump.contains("kw_dead_letters") && dump.contains(&key_id), "a real dump");
+    assert!(
+        dump.contains("kw_dead_letters") && dump.contains(&key_id),
+        "a real dump"
+    );
     let mut raw_db = String::new();
     for f in ["keywatch.db", "keywatch.db-wal"] {
-        raw_db.push_str(&String::from_utf8_lossy(&std::fs::read(db.path(f)).unwrap_or_default()));
+        raw_db.push_str(&String::from_utf8_lossy(
+            &std::fs::read(db.path(f)).unwrap_or_default(),
+        ));
     }
     let mut mail_files: Vec<_> = std::fs::read_dir(&mail_dir)
         .unwrap()
@@ -494,7 +611,10 @@ continue = true
         .collect();
     mail_files.push(mbox.clone());
     let mail = decoded_mail(&mail_files);
-    assert!(mail.contains("key_in_logs") || mail.contains("key in logs"), "{mail}");
+    assert!(
+        mail.contains("key_in_logs") || mail.contains("key in logs"),
+        "{mail}"
+    );
     let raw_mbox = std::fs::read_to_string(&mbox).unwrap();
 
     for (what, text) in [
@@ -509,7 +629,18 @@ continue = true
         ("the mailbox file", &raw_mbox),
     ] {
         assert!(!text.is_empty(), "{what} is empty");
-        assert_eq!(leaked_keys(text), Vec::<String>::new(), "a full key in {what}");
+        let leaked = leaked_keys(text);
+        let context: Vec<&str> = text
+            .lines()
+            .filter(|l| leaked.iter().any(|k| l.contains(k.as_str())))
+            .map(|l| &l[..l.len().min(300)])
+            .take(5)
+            .collect();
+        assert_eq!(
+            leaked,
+            Vec::<String>::new(),
+            "a full key in {what}: {context:#?}"
+        );
         for k in &all_keys {
             // The part after the 20-character prefix is the secret: none of it, anywhere.
             assert!(!text.contains(&k[20..60]), "part of a full key in {what}");

@@ -302,6 +302,28 @@ impl Finding {
         }
     }
 
+    /// This finding with anything that looks like a full key cut to its stored prefix. The
+    /// detectors see log lines as they came, and a client may put its key where a prefix,
+    /// user agent or origin belongs; alerts, emails and webhooks must never carry it.
+    pub fn without_keys(mut self) -> Finding {
+        let redact = |s: &mut String| {
+            if let Some(r) = crate::keys::redact_keys(s) {
+                *s = r;
+            }
+        };
+        redact(&mut self.summary);
+        if let Some(p) = &mut self.key_prefix {
+            redact(p);
+        }
+        for (label, _) in &mut self.evidence.top {
+            redact(label);
+        }
+        if let Some(c) = &mut self.evidence.country {
+            redact(c);
+        }
+        self
+    }
+
     /// Fills the identifying fields from the request the evidence came from.
     pub fn about(mut self, obs: &Observation) -> Finding {
         self.key_id = obs.key_id;
@@ -785,6 +807,7 @@ impl Detector for Detectors {
             .into_iter()
             .flatten()
             .flat_map(|d| d.observe(obs, ctx))
+            .map(Finding::without_keys)
             .collect()
     }
 
@@ -793,6 +816,7 @@ impl Detector for Detectors {
             .into_iter()
             .flatten()
             .flat_map(|d| d.tick(now))
+            .map(Finding::without_keys)
             .collect()
     }
 }

@@ -805,18 +805,10 @@ impl Traffic {
         ));
         let mut subjects = Vec::new();
         if let Some(n) = self.rate_subjects {
-            subjects.push(sample(
-                MetricType::GAUGE,
-                &[("detector", "rate")],
-                n as f64,
-            ));
+            subjects.push(sample(MetricType::GAUGE, &[("detector", "rate")], n as f64));
         }
         if let Some((n, evicted)) = self.auth_state {
-            subjects.push(sample(
-                MetricType::GAUGE,
-                &[("detector", "auth")],
-                n as f64,
-            ));
+            subjects.push(sample(MetricType::GAUGE, &[("detector", "auth")], n as f64));
             out.push(family(
                 &STATE_EVICTIONS,
                 vec![sample(
