@@ -139,6 +139,19 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>, Option<RejectReason>)> {
     ]
 }
 
+/// `keywatch [global] ingest --format json PATH`: its summary.
+fn ingest_json(db: &TestDb, global: &[&str], path: &std::path::Path) -> Value {
+    let mut args = global.to_vec();
+    args.extend([
+        "ingest",
+        "--no-progress",
+        "--format",
+        "json",
+        path.to_str().unwrap(),
+    ]);
+    serde_json::from_str(&kw_ok(db, &args)).unwrap()
+}
+
 #[test]
 fn hostile_shapes_have_a_defined_meaning() {
     for (what, line, want) in hostile_cases() {
@@ -216,19 +229,7 @@ fn hostile_lines_through_the_binary_are_counted_or_kept_with_reason_and_line() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/geoip/GeoIP2-City-Test.mmdb"
     );
-    let out = kw_ok(
-        &db,
-        &[
-            "--geoip",
-            geoip,
-            "ingest",
-            "--no-progress",
-            "--format",
-            "json",
-            path.to_str().unwrap(),
-        ],
-    );
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = ingest_json(&db, &["--geoip", geoip], &path);
     assert_eq!(v["data"]["accepted"], accepted, "{v}");
     assert_eq!(v["data"]["rejected"], expected_dead.len() as u64, "{v}");
     let dead: Vec<(u64, String)> = db
@@ -309,17 +310,7 @@ fn a_log_of_hostile_lines_loses_nothing() {
     }
     let path = db.path("hostile.log");
     std::fs::write(&path, &log).unwrap();
-    let out = kw_ok(
-        &db,
-        &[
-            "ingest",
-            "--no-progress",
-            "--format",
-            "json",
-            path.to_str().unwrap(),
-        ],
-    );
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = ingest_json(&db, &[], &path);
     let accepted = v["data"]["accepted"].as_u64().unwrap();
     let rejected = v["data"]["rejected"].as_u64().unwrap();
     assert_eq!(accepted + rejected, n, "{v}");
