@@ -94,7 +94,14 @@ impl ActivityTracker {
         value: &str,
     ) {
         let day = Granularity::Day.truncate(at);
-        let value: String = value.chars().take(MAX_VALUE_LEN).collect();
+        // User agents come from clients, and some paste their key into them.
+        let redacted = crate::keys::redact_keys(value);
+        let value: String = redacted
+            .as_deref()
+            .unwrap_or(value)
+            .chars()
+            .take(MAX_VALUE_LEN)
+            .collect();
         let kept = self.kept.entry((key_id, day, facet)).or_default();
         let value = if kept.contains(&value) || kept.len() < VALUES_PER_DAY {
             kept.insert(value.clone());

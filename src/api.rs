@@ -151,6 +151,13 @@ pub(crate) async fn metrics(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
 ) -> impl IntoResponse {
+    if !s.auth.metrics_allowed(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "/metrics needs Authorization: Bearer TOKEN (--metrics-token-sha256)\n".to_owned(),
+        );
+    }
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = Format::from_accept(accept);
     match s.metrics.render(format) {

@@ -48,6 +48,8 @@ pub struct GlobalArgs {
     pub log: String,
 }
 
+// Parsed once at start: the size of the largest variant (`run`'s many settings) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: follow the sources, keep usage current, serve /metrics and /healthz.
@@ -385,15 +387,31 @@ pub struct ApiAuthArgs {
         value_name = "HEX,..."
     )]
     pub admin_token_sha256: Vec<String>,
-    /// The auth server's API_KEY_HMAC_SECRET: keys whose signature does not verify are
-    /// refused. Without it, keys are checked by their hash alone.
+    /// A file (readable by its owner only) holding the auth server's API_KEY_HMAC_SECRET:
+    /// keys whose signature does not verify are refused. Or set the secret itself in
+    /// KEYWATCH_API_KEY_HMAC_SECRET; it is never taken from the command line, where every
+    /// user of the machine could read it. Without either, keys are checked by their hash
+    /// alone.
     #[arg(
-        long = "api-key-hmac-secret",
-        env = "KEYWATCH_API_KEY_HMAC_SECRET",
-        hide_env_values = true,
-        value_name = "SECRET"
+        long = "api-key-hmac-secret-file",
+        env = "KEYWATCH_API_KEY_HMAC_SECRET_FILE",
+        value_name = "FILE"
     )]
-    pub hmac_secret: Option<String>,
+    pub hmac_secret_file: Option<PathBuf>,
+    /// SHA-256 (hex) of the bearer token that `/metrics` then requires (Prometheus:
+    /// `authorization: {credentials: TOKEN}`). Needed, or --metrics-public, when --listen is
+    /// not a loopback address.
+    #[arg(
+        long,
+        env = "KEYWATCH_METRICS_TOKEN_SHA256",
+        value_name = "HEX",
+        conflicts_with = "metrics_public"
+    )]
+    pub metrics_token_sha256: Option<String>,
+    /// Serve `/metrics` without a token on a non-loopback --listen, on purpose (otherwise
+    /// keywatch refuses to start there).
+    #[arg(long, env = "KEYWATCH_METRICS_PUBLIC")]
+    pub metrics_public: bool,
     /// Failed authentications allowed per client IP and minute before the API answers 429.
     #[arg(
         long,
@@ -504,9 +522,14 @@ pub struct KeysCreateArgs {
     /// Scopes (comma-separated), for example reports:read,alerts:write.
     #[arg(long, value_delimiter = ',')]
     pub scopes: Vec<String>,
-    /// The auth server's API_KEY_HMAC_SECRET, so that the key's signature verifies there.
-    #[arg(long, env = "KEYWATCH_API_KEY_HMAC_SECRET", hide_env_values = true)]
-    pub hmac_secret: Option<String>,
+    /// A file (owner-only) holding the auth server's API_KEY_HMAC_SECRET, so that the key's
+    /// signature verifies there; or set KEYWATCH_API_KEY_HMAC_SECRET.
+    #[arg(
+        long = "hmac-secret-file",
+        env = "KEYWATCH_API_KEY_HMAC_SECRET_FILE",
+        value_name = "FILE"
+    )]
+    pub hmac_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -36,6 +36,9 @@ use crate::usage::Granularity;
 
 mod reports;
 
+/// The environment variable of the auth server's API_KEY_HMAC_SECRET (or `..._FILE`).
+const HMAC_SECRET_VAR: &str = "KEYWATCH_API_KEY_HMAC_SECRET";
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
@@ -50,12 +53,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let alerts = load_alerts(&args.alerts)?;
             let geo = open_geo(g.geoip.as_deref())?.map(Arc::new);
             let notify = app::notify_for(&alerts, Path::new("."), Arc::new(SystemClock))?;
+            let hmac_secret =
+                crate::secret::from(HMAC_SECRET_VAR, args.api.hmac_secret_file.as_deref())?;
             let api_auth = crate::api::auth::AuthSettings::new(
-                args.api.hmac_secret.as_deref(),
+                hmac_secret.as_deref(),
                 &args.api.admin_token_sha256,
                 args.api.api_auth_failures_per_minute,
+            )?
+            .with_metrics_access(
+                args.api.metrics_token_sha256.as_deref(),
+                args.api.metrics_public,
             )?;
             let retention = retention(&args.retention)?;
+            api_auth.check_listen(args.listen)?;
             let store = Store::open(&g.database_url).await?;
             let http = http_settings(&args.sources_opts, &sources)?;
             let postgres = postgres_options(&args.sources_opts, &sources, &g.database_url)?;
@@ -799,7 +809,8 @@ async fn create_key(store: &Store, args: &KeysCreateArgs) -> anyhow::Result<()> 
     if cache.org(&org_id).is_none() {
         bail!("no organization has the id {org_id}; see `keywatch orgs list`");
     }
-    let secret = args.hmac_secret.as_deref().map(str::as_bytes);
+    let secret = crate::secret::from(HMAC_SECRET_VAR, args.hmac_secret_file.as_deref())?;
+    let secret = secret.as_deref().map(str::as_bytes);
     if secret.is_some_and(|s| s.len() < 32) {
         bail!(
             "KEYWATCH_API_KEY_HMAC_SECRET must be at least 32 characters, as the auth server requires"

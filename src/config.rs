@@ -36,6 +36,20 @@ pub struct AlertsConfig {
     pub silences: Vec<SilenceRaw>,
 }
 
+/// Largest alerts file read: the path may name anything (a FIFO, `/dev/zero`), so it is
+/// never read without a bound.
+const MAX_FILE_BYTES: usize = 1024 * 1024;
+
+/// Up to one byte more than [`MAX_FILE_BYTES`] of `path`, as text.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// A mistake in the configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -138,7 +152,14 @@ impl AlertsConfig {
     /// Reads and parses a file. A missing default file is the default configuration.
     pub fn load(path: &Path, required: bool) -> Result<AlertsConfig, ConfigError> {
         let shown = path.display().to_string();
-        match std::fs::read_to_string(path) {
+        match read_bounded(path) {
+            Ok(text) if text.len() > MAX_FILE_BYTES => Err(ConfigError::Invalid {
+                path: shown,
+                message: format!(
+                    "the file is larger than {} KiB; an alerting configuration is a few KiB",
+                    MAX_FILE_BYTES / 1024
+                ),
+            }),
             Ok(text) => AlertsConfig::parse(&shown, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
                 Ok(AlertsConfig::default())
@@ -215,6 +236,15 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 mod tests {
     use super::*;
     use crate::notify::config::ReceiverSettings;
+
+    #[test]
+    fn an_endless_file_is_refused_without_reading_it_all() {
+        let e = AlertsConfig::load(Path::new("/dev/zero"), true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/dev/zero: the file is larger than 1024 KiB; an alerting configuration is a few KiB"
+        );
+    }
 
     #[test]
     fn the_shipped_file_is_valid() {

@@ -20,6 +20,9 @@
 //! traffic for the demo, tests and benchmarks), [`cli`] (flags only) and [`commands`] (what
 //! each subcommand does). [`app`] wires the daemon together.
 
+// No unsafe code: the GeoIP databases are read into memory rather than memory-mapped.
+#![deny(unsafe_code)]
+
 pub mod activity;
 pub mod api;
 pub mod app;
@@ -34,6 +37,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod report;
+pub mod secret;
 pub mod simulate;
 pub mod source;
 pub mod store;

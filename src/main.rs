@@ -1,6 +1,8 @@
 //! The `keywatch` binary: parse the command line, set up logging, run the command, and turn
 //! an error into one sentence on stderr and a non-zero exit code.
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -435,6 +435,12 @@ impl Pipeline {
             .as_ref()
             .and_then(|d| d.detectors.rate.as_ref());
         self.metrics.detector_subjects(rate.map(|r| r.subjects()));
+        let auth = self
+            .detection
+            .as_ref()
+            .and_then(|d| d.detectors.auth.as_ref());
+        self.metrics
+            .auth_detector_state(auth.map(|a| (a.subjects(), a.evictions())));
         self.pending_lines += line_no - chunk.first_line_no;
         if let Some(cp) = &chunk.checkpoint {
             let mut cp = cp.clone();

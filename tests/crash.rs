@@ -76,7 +76,7 @@ fn simulated(db: &TestDb, n: u64, seed: u64) -> Vec<String> {
 fn write_lines(db: &TestDb, name: &str, lines: &[String]) -> PathBuf {
     let p = db.path(name);
     let _ = std::fs::remove_file(&p);
-    append_lines(&p, lines);
+    append(&p, lines);
     p
 }
 
@@ -202,13 +202,13 @@ fn kill_9_while_run_follows_a_file() {
         &db,
         &mut rng,
         |i| {
-            append_lines(&log, parts[i]);
+            append(&log, parts[i]);
             fed += parts[i].len() as u64;
             fed
         },
         || daemon(&db, "127.0.0.1:0", &["--source", &source]),
     );
-    append_lines(&log, parts[KILLS]);
+    append(&log, parts[KILLS]);
     last_start(&db, &lines, || {
         daemon(&db, "127.0.0.1:0", &["--source", &source])
     });
@@ -237,13 +237,13 @@ fn kill_9_during_ingest_restarts() {
         &db,
         &mut rng,
         |i| {
-            append_lines(&log, parts[i]);
+            append(&log, parts[i]);
             fed += parts[i].len() as u64;
             fed
         },
         ingest,
     );
-    append_lines(&log, parts[KILLS]);
+    append(&log, parts[KILLS]);
     kw_ok(&db, &["ingest", "--no-progress", log.to_str().unwrap()]);
     assert_eq!(total_requests(&db), lines.len() as u64);
     assert_exact(&db, &lines);
@@ -637,7 +637,7 @@ expires = 2099-01-01T00:00:00Z
     let mut lines = probe("89.160.20.112");
     lines.extend(simulated(&db, 5_000, 67));
     let log = db.path("requests.log");
-    append_lines(&log, &lines[..4_000]);
+    append(&log, &lines[..4_000]);
     let addr = local_addr();
     let args = [
         "--alerts",
@@ -653,7 +653,7 @@ expires = 2099-01-01T00:00:00Z
         "the message reached the server"
     );
     // Lines read just before the signal: the stop, not the periodic commit, must commit them.
-    append_lines(&log, &lines[4_000..]);
+    append(&log, &lines[4_000..]);
     let read = |want: u64| {
         get(&addr, "/metrics", "text/plain").is_some_and(|(_, _, body)| {
             body.lines()

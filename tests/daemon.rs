@@ -66,16 +66,16 @@ fn follows_rotation(db: TestDb) {
         &lines[2500..3500],
         &lines[3500..],
     ];
-    append_lines(&log, parts[0]);
+    append(&log, parts[0]);
     let daemon = start_daemon(&db, &log);
     assert_settles_at(&db, 1000);
 
     // Rename-rotation: the writer appends to the renamed file before opening a new one.
-    append_lines(&log, parts[1]);
+    append(&log, parts[1]);
     let rotated = db.path("app.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    append_lines(&rotated, parts[2]);
-    append_lines(&log, parts[3]);
+    append(&rotated, parts[2]);
+    append(&log, parts[3]);
     assert_settles_at(&db, 3500);
 
     // Copy-truncate (as logrotate's copytruncate does), once keywatch has caught up.
@@ -85,7 +85,7 @@ fn follows_rotation(db: TestDb) {
         .truncate(true)
         .open(&log)
         .unwrap();
-    append_lines(&log, parts[4]);
+    append(&log, parts[4]);
     assert_settles_at(&db, 5000);
     stop(daemon);
 
@@ -173,7 +173,7 @@ fn sigterm_exits_cleanly_and_commits() {
     let db = TestDb::new(Backend::Sqlite).unwrap();
     let lines = generated_lines(&db, 2_000, "13");
     let log = db.path("t.log");
-    append_lines(&log, &lines);
+    append(&log, &lines);
     let mut daemon = start_daemon(&db, &log);
     assert_settles_at(&db, 2_000);
     unsafe_kill(daemon.id(), "TERM");

@@ -60,6 +60,14 @@ pub enum AuthConfigError {
         "admin token hash {0:?} is not 64 hex characters (the SHA-256 of the token, as `sha256sum` prints it)"
     )]
     BadAdminHash(String),
+    #[error(
+        "metrics token hash {0:?} is not 64 hex characters (the SHA-256 of the token, as `sha256sum` prints it)"
+    )]
+    BadMetricsHash(String),
+    #[error(
+        "--listen {0} is not a loopback address, so /metrics would be open to anyone who can reach it: set --metrics-token-sha256 (KEYWATCH_METRICS_TOKEN_SHA256) to require a bearer token, or --metrics-public (KEYWATCH_METRICS_PUBLIC) to serve it to anyone on purpose"
+    )]
+    OpenMetrics(std::net::SocketAddr),
 }
 
 /// Validated authentication settings.
@@ -67,6 +75,10 @@ pub enum AuthConfigError {
 pub struct AuthSettings {
     hmac_secret: Option<Vec<u8>>,
     admin_hashes: Vec<[u8; 32]>,
+    /// SHA-256 of the bearer token `/metrics` requires; `None` serves it to anyone.
+    metrics_hash: Option<[u8; 32]>,
+    /// `/metrics` without a token was asked for, so a non-loopback `--listen` may serve it.
+    metrics_public: bool,
     /// Failed attempts allowed per IP and minute before 429.
     pub failures_per_minute: u32,
 }
@@ -76,6 +88,8 @@ impl std::fmt::Debug for AuthSettings {
         f.debug_struct("AuthSettings")
             .field("hmac_secret", &self.hmac_secret.as_ref().map(|_| "***"))
             .field("admin_tokens", &self.admin_hashes.len())
+            .field("metrics_token", &self.metrics_hash.is_some())
+            .field("metrics_public", &self.metrics_public)
             .field("failures_per_minute", &self.failures_per_minute)
             .finish()
     }
@@ -98,19 +112,51 @@ impl AuthSettings {
             .iter()
             .map(|h| h.trim())
             .filter(|h| !h.is_empty())
-            .map(|h| {
-                let mut out = [0u8; 32];
-                hex::decode_to_slice(h.to_ascii_lowercase(), &mut out)
-                    .map_err(|_| AuthConfigError::BadAdminHash(h.to_owned()))?;
-                Ok(out)
-            })
+            .map(|h| parse_sha256(h).ok_or_else(|| AuthConfigError::BadAdminHash(h.to_owned())))
             .collect::<Result<_, _>>()?;
         Ok(AuthSettings {
             hmac_secret,
             admin_hashes,
+            metrics_hash: None,
+            metrics_public: false,
             failures_per_minute: failures_per_minute.max(1),
         })
     }
+
+    /// Protects `/metrics` with the bearer token whose SHA-256 is `token_sha256`, or, with
+    /// `public`, records that it is served to anyone on purpose.
+    pub fn with_metrics_access(
+        mut self,
+        token_sha256: Option<&str>,
+        public: bool,
+    ) -> Result<AuthSettings, AuthConfigError> {
+        self.metrics_hash = match token_sha256.map(str::trim).filter(|h| !h.is_empty()) {
+            Some(h) => {
+                Some(parse_sha256(h).ok_or_else(|| AuthConfigError::BadMetricsHash(h.to_owned()))?)
+            }
+            None => None,
+        };
+        self.metrics_public = public;
+        Ok(self)
+    }
+
+    /// Refuses a non-loopback `listen` while `/metrics` is neither protected nor explicitly
+    /// public. `/v1` needs an API key or admin token and `POST /v1/ingest` its token
+    /// wherever it listens; `/metrics` is the one route that would otherwise be open.
+    pub fn check_listen(&self, listen: std::net::SocketAddr) -> Result<(), AuthConfigError> {
+        if listen.ip().is_loopback() || self.metrics_hash.is_some() || self.metrics_public {
+            Ok(())
+        } else {
+            Err(AuthConfigError::OpenMetrics(listen))
+        }
+    }
+}
+
+/// A SHA-256 hash as `sha256sum` prints it (either case).
+fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digest.to_ascii_lowercase(), &mut out).ok()?;
+    Some(out)
 }
 
 /// What an authenticated request may see.
@@ -327,6 +373,11 @@ impl Authenticator {
         now: DateTime<Utc>,
     ) -> Result<Principal, ApiError> {
         let limit = self.settings.failures_per_minute;
+        // A dual-stack listener shows IPv4 clients as ::ffff:a.b.c.d: one client, one count.
+        let attempt = &Attempt {
+            ip: attempt.ip.map(|ip| ip.to_canonical()),
+            ..*attempt
+        };
         if let Some(ip) = attempt.ip {
             let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(retry_after) = failures.blocked(ip, limit, Instant::now()) {
@@ -395,6 +446,21 @@ impl Authenticator {
             });
         }
         Ok(Principal::Key(Box::new(k)))
+    }
+
+    /// Whether a `/metrics` request may be answered: always without a metrics token, else
+    /// only with `Authorization: Bearer TOKEN` (compared by hash, in constant time).
+    pub fn metrics_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(want) = &self.settings.metrics_hash else {
+            return true;
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let digest = Sha256::digest(token.as_bytes());
+        ct_eq(want, &digest) && !token.is_empty()
     }
 
     fn admin(&self, token: &str) -> Result<Principal, ApiError> {

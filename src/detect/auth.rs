@@ -18,8 +18,6 @@ use super::{
 /// Distinct values remembered per subject; enough to count to any sane threshold (the
 /// failure count, kept separately, is exact).
 const MAX_DISTINCT: usize = 128;
-/// Subjects tracked at once; a flood of addresses beyond this is itself a burst already seen.
-const MAX_SUBJECTS: usize = 200_000;
 
 /// Settings of `auth_failure_burst`; defaults are issue 3's.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -39,6 +37,10 @@ pub struct AuthSettings {
     pub distinct_ips: u32,
     /// How long an episode must stay below its recovery threshold to resolve.
     pub recovery_minutes: u32,
+    /// Addresses and prefixes with failures remembered at once. Both come from anyone, so a
+    /// flood of distinct ones must not grow memory: when full, the tenth that failed least
+    /// recently is forgotten (`keywatch_state_evictions_total{state="auth_subjects"}`).
+    pub max_subjects: u32,
 }
 
 impl Default for AuthSettings {
@@ -51,6 +53,7 @@ impl Default for AuthSettings {
             failures: 50,
             distinct_ips: 20,
             recovery_minutes: 15,
+            max_subjects: 100_000,
         }
     }
 }
@@ -129,6 +132,8 @@ pub struct AuthDetector {
     s: AuthSettings,
     subjects: HashMap<Subject, Failures>,
     episodes: Episodes,
+    /// Subjects forgotten to stay within `max_subjects`, since start.
+    evicted: u64,
 }
 
 impl AuthDetector {
@@ -142,7 +147,39 @@ impl AuthDetector {
             s,
             subjects: HashMap::new(),
             episodes,
+            evicted: 0,
         }
+    }
+
+    /// Addresses and prefixes with failures in the window.
+    pub fn subjects(&self) -> usize {
+        self.subjects.len()
+    }
+
+    /// Subjects forgotten to stay within `max_subjects`, since start.
+    pub fn evictions(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Makes room for one more subject: forgets the tenth of them whose newest failure is
+    /// oldest. Forgetting in batches keeps the cost per new subject constant on average,
+    /// where finding the single oldest would scan every subject for each one.
+    fn make_room(&mut self) {
+        let cap = self.s.max_subjects.max(1) as usize;
+        if self.subjects.len() < cap {
+            return;
+        }
+        let drop = (cap / 10).max(1);
+        let mut ages: Vec<(i64, Subject)> = self
+            .subjects
+            .iter()
+            .map(|(k, f)| (f.newest, k.clone()))
+            .collect();
+        ages.select_nth_unstable_by(drop - 1, |a, b| a.0.cmp(&b.0));
+        for (_, k) in ages.into_iter().take(drop) {
+            self.subjects.remove(&k);
+        }
+        self.evicted += drop as u64;
     }
 
     fn count(
@@ -154,8 +191,8 @@ impl AuthDetector {
         obs: &Observation,
     ) -> Option<Finding> {
         let window = i64::from(self.s.window_minutes.max(1));
-        if !self.subjects.contains_key(&subject) && self.subjects.len() >= MAX_SUBJECTS {
-            return None;
+        if !self.subjects.contains_key(&subject) {
+            self.make_room();
         }
         let f = self.subjects.entry(subject.clone()).or_default();
         f.add(m, fnv1a(other.as_bytes()), label, window);
@@ -341,6 +378,38 @@ mod tests {
             out.extend(d.observe(&o, &Context::default()));
         }
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_flood_of_addresses_is_bounded_and_the_burst_after_it_still_fires() {
+        let s = AuthSettings {
+            max_subjects: 1_000,
+            ..AuthSettings::default()
+        };
+        let mut d = AuthDetector::new(s);
+        let t0 = t("2026-11-20T12:00:00Z");
+        for i in 0..5_000u32 {
+            let ip = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i));
+            let o = refused(t0, &ip.to_string(), format!("pmcp_01{i:06x}"));
+            assert!(d.observe(&o, &Context::default()).is_empty());
+            assert!(d.subjects() <= 1_000);
+        }
+        assert!(d.evictions() >= 8_000, "{}", d.evictions());
+        // The attack that the flood was meant to hide is still seen.
+        let mut out = Vec::new();
+        for i in 0..30 {
+            let o = refused(
+                t0 + Duration::seconds(i),
+                "203.0.113.9",
+                format!("pmcp_01{i:05x}"),
+            );
+            out.extend(d.observe(&o, &Context::default()));
+        }
+        assert!(
+            out.iter()
+                .any(|f| f.subject == Subject::Ip("203.0.113.9".parse().unwrap())),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -315,6 +315,28 @@ impl Finding {
         }
     }
 
+    /// This finding with anything that looks like a full key cut to its stored prefix. The
+    /// detectors see log lines as they came, and a client may put its key where a prefix,
+    /// user agent or origin belongs; alerts, emails and webhooks must never carry it.
+    pub fn without_keys(mut self) -> Finding {
+        let redact = |s: &mut String| {
+            if let Some(r) = crate::keys::redact_keys(s) {
+                *s = r;
+            }
+        };
+        redact(&mut self.summary);
+        if let Some(p) = &mut self.key_prefix {
+            redact(p);
+        }
+        for (label, _) in &mut self.evidence.top {
+            redact(label);
+        }
+        if let Some(c) = &mut self.evidence.country {
+            redact(c);
+        }
+        self
+    }
+
     /// Fills the identifying fields from the request the evidence came from.
     pub fn about(mut self, obs: &Observation) -> Finding {
         self.key_id = obs.key_id;
@@ -630,6 +652,7 @@ impl Settings {
         within("auth", "distinct_ips", a.distinct_ips, 2, 128)?;
         within("auth", "failures", a.failures, 1, u32::MAX)?;
         within("auth", "recovery_minutes", a.recovery_minutes, 1, 1440)?;
+        within("auth", "max_subjects", a.max_subjects, 10, 10_000_000)?;
         within(
             "lifecycle",
             "recovery_hours",
@@ -838,6 +861,7 @@ impl Detector for Detectors {
             .into_iter()
             .flatten()
             .flat_map(|d| d.observe(obs, ctx))
+            .map(Finding::without_keys)
             .collect()
     }
 
@@ -846,6 +870,7 @@ impl Detector for Detectors {
             .into_iter()
             .flatten()
             .flat_map(|d| d.tick(now))
+            .map(Finding::without_keys)
             .collect()
     }
 }

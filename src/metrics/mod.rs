@@ -285,7 +285,14 @@ family!(
     "keywatch_detection_subjects",
     GAUGE,
     ["detector"],
-    "Subjects (keys and organizations) a detector keeps state for, as the detector reports it."
+    "Subjects a detector keeps state for, as the detector reports it: keys and organizations (rate), addresses and presented key prefixes of refused keys (auth)."
+);
+family!(
+    STATE_EVICTIONS,
+    "keywatch_state_evictions_total",
+    COUNTER,
+    ["state"],
+    "Entries forgotten to keep state bounded against a flood of distinct values from log lines: auth_subjects (addresses and presented prefixes of refused keys, [detectors.auth] max_subjects)."
 );
 family!(
     SERIES_FOLDED,
@@ -385,6 +392,7 @@ const CUSTOM: &[&Family] = &[
     &KEYS_TRACKED,
     &KEYS_WARMUP,
     &DETECTOR_SUBJECTS,
+    &STATE_EVICTIONS,
     &SERIES_FOLDED,
     &ENTITIES_TRACKED,
     &ENTITIES_EXPORTED,
@@ -467,6 +475,14 @@ struct GeoSeen {
 }
 
 /// The state behind the custom collector.
+/// MCP names remembered for /metrics. Unlike key and organization ids, which only the key
+/// tables can make valid, any log line can name a new MCP; a deployment has at most a few
+/// thousand, so names beyond this are counted in `other` at once (and as folded) instead of
+/// each costing memory for a day (`--metrics-idle-expiry`).
+fn mcps_tracked(top_mcps: usize) -> usize {
+    (2 * top_mcps).max(10_000)
+}
+
 struct Traffic {
     keys: TopK<Option<Uuid>, Minutes>,
     orgs: TopK<Option<Uuid>>,
@@ -484,6 +500,8 @@ struct Traffic {
     alerts_resolved: [u64; AlertType::ALL.len()],
     sources: BTreeMap<String, SourceSeen>,
     rate_subjects: Option<usize>,
+    /// The refused-key detector's subjects and evictions since start.
+    auth_state: Option<(usize, u64)>,
     cache: Option<Arc<KeyCache>>,
     geo: Vec<GeoSeen>,
 }
@@ -494,7 +512,7 @@ impl Traffic {
         Traffic {
             keys: TopK::new(l.top_keys, idle),
             orgs: TopK::new(l.top_orgs, idle),
-            mcps: TopK::new(l.top_mcps, idle),
+            mcps: TopK::new(l.top_mcps, idle).with_max_tracked(mcps_tracked(l.top_mcps)),
             requests: [0; CLASSES],
             bytes_in: 0,
             bytes_out: 0,
@@ -508,6 +526,7 @@ impl Traffic {
             alerts_resolved: [0; AlertType::ALL.len()],
             sources: BTreeMap::new(),
             rate_subjects: None,
+            auth_state: None,
             cache: None,
             geo: Vec::new(),
         }
@@ -784,11 +803,23 @@ impl Traffic {
             &KEYS_WARMUP,
             vec![sample(MetricType::GAUGE, &[], in_warmup as f64)],
         ));
+        let mut subjects = Vec::new();
         if let Some(n) = self.rate_subjects {
+            subjects.push(sample(MetricType::GAUGE, &[("detector", "rate")], n as f64));
+        }
+        if let Some((n, evicted)) = self.auth_state {
+            subjects.push(sample(MetricType::GAUGE, &[("detector", "auth")], n as f64));
             out.push(family(
-                &DETECTOR_SUBJECTS,
-                vec![sample(MetricType::GAUGE, &[("detector", "rate")], n as f64)],
+                &STATE_EVICTIONS,
+                vec![sample(
+                    MetricType::COUNTER,
+                    &[("state", "auth_subjects")],
+                    evicted as f64,
+                )],
             ));
+        }
+        if !subjects.is_empty() {
+            out.push(family(&DETECTOR_SUBJECTS, subjects));
         }
 
         // The bounds themselves.
@@ -1240,6 +1271,11 @@ impl Metrics {
     /// The rate detector's count of subjects with state, when detection is on.
     pub fn detector_subjects(&self, rate: Option<usize>) {
         self.traffic().rate_subjects = rate;
+    }
+
+    /// The refused-key detector's subjects and evictions since start, when it runs.
+    pub fn auth_detector_state(&self, subjects_and_evictions: Option<(usize, u64)>) {
+        self.traffic().auth_state = subjects_and_evictions;
     }
 
     /// Starts month-to-date from what the store already holds for the month of `at`. Call it

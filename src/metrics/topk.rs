@@ -70,6 +70,8 @@ pub struct TopK<K, E = ()> {
     limit: usize,
     idle_secs: u32,
     slots: HashMap<K, Slot<E>>,
+    /// Entities remembered at most; see [`TopK::with_max_tracked`].
+    max_tracked: usize,
     admitted: usize,
     other: ClassCounts,
     folded: u64,
@@ -82,10 +84,18 @@ impl<K: Hash + Eq + Clone, E: Default> TopK<K, E> {
             limit,
             idle_secs,
             slots: HashMap::new(),
+            max_tracked: MAX_TRACKED,
             admitted: 0,
             other: [0; CLASSES],
             folded: 0,
         }
+    }
+
+    /// Remembers at most `n` entities (default [`MAX_TRACKED`]); a new one beyond that is
+    /// counted in `other` straight away and counts as folded.
+    pub fn with_max_tracked(mut self, n: usize) -> TopK<K, E> {
+        self.max_tracked = n.max(self.limit);
+        self
     }
 
     /// The configured K.
@@ -94,15 +104,16 @@ impl<K: Hash + Eq + Clone, E: Default> TopK<K, E> {
     }
 
     /// Counts `counts` for `k` at `now`; returns the entity's extra state for the caller to
-    /// update (kept for every tracked entity, admitted or not), or `None` when the family is
-    /// at [`MAX_TRACKED`] and `k` is new.
+    /// update (kept for every tracked entity, admitted or not), or `None` when the family
+    /// remembers as many entities as it may and `k` is new.
     pub fn add(&mut self, k: &K, counts: &ClassCounts, now: u32) -> Option<&mut E> {
         let n: u64 = counts.iter().sum();
         if !self.slots.contains_key(k) {
-            if self.slots.len() >= MAX_TRACKED {
+            if self.slots.len() >= self.max_tracked {
                 for (t, c) in self.other.iter_mut().zip(counts) {
                     *t += c;
                 }
+                self.folded += 1;
                 return None;
             }
             let admit = self.admitted < self.limit;

@@ -497,10 +497,16 @@ impl NotifySettings {
                 if let Some(v) = v
                     && (v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
                 {
+                    // A secret put here by mistake is not quoted back into logs and terminals.
+                    let shown = if matches!(field, "password_env" | "secret_env") {
+                        "a value with other characters than letters, digits and _".to_owned()
+                    } else {
+                        format!("{v:?}")
+                    };
                     errors.push(err(
                         &["receivers", &idx, field],
                         format!(
-                            "{field} names an environment variable (like KEYWATCH_SMTP_PASSWORD), not {v:?}; never put the secret itself in the file"
+                            "{field} names an environment variable (like KEYWATCH_SMTP_PASSWORD), not {shown}; never put the secret itself in the file"
                         ),
                     ));
                 }

@@ -314,9 +314,22 @@ pub fn receivers(
     mailbox_dir: &std::path::Path,
 ) -> Result<std::collections::HashMap<String, Arc<dyn Receiver>>, String> {
     use config::ReceiverSettings;
-    let env = |name: &str| std::env::var(name).ok();
+    // Every variable may also be given as a file (NAME_FILE); the first unreadable or exposed
+    // one stops the start.
+    let refused = std::cell::RefCell::new(None);
+    let env = |name: &str| match crate::secret::from_env(name) {
+        Ok(v) => v,
+        Err(e) => {
+            refused.borrow_mut().get_or_insert(e.to_string());
+            None
+        }
+    };
+    let resolved = settings.resolve(&env, mailbox_dir);
+    if let Some(e) = refused.into_inner() {
+        return Err(e);
+    }
     let mut out: std::collections::HashMap<String, Arc<dyn Receiver>> = Default::default();
-    for s in settings.resolve(&env, mailbox_dir)? {
+    for s in resolved? {
         let (r, to): (Arc<dyn Receiver>, String) = match s {
             ReceiverSettings::Email(e) => {
                 let r = email::EmailReceiver::new(e)?;

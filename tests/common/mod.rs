@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod fuzz;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -474,6 +476,35 @@ impl KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+
+    /// Its peak resident memory so far (`VmHWM`), in KiB: memory-mapped files included.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM")
+    }
+
+    /// Its resident anonymous memory now (`RssAnon`: the heap, not mapped files), in KiB.
+    pub fn anon_rss_kib(&self) -> u64 {
+        self.status_kib("RssAnon")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .expect("the process is running");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+    }
+
+    /// Stops it with SIGTERM and waits; returns its exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        self.0.wait().expect("wait for the process")
+    }
 }
 
 impl Drop for KillOnDrop {
@@ -597,14 +628,22 @@ impl Drop for TestStream {
     }
 }
 
-/// Appends `lines` to the file at `path` (created if missing), each ending in a newline.
-pub fn append_lines(path: &Path, lines: &[String]) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    for l in lines {
-        writeln!(f, "{l}").unwrap();
-    }
+/// Polls `addr` until `/healthz` answers (or panics after 30 s, or when `child` has exited).
+pub fn wait_healthy(child: &mut KillOnDrop, addr: &str) {
+    let up = wait_until(Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("keywatch exited early: {status}");
+        }
+        get(addr, "/healthz", "text/plain").is_some_and(|(s, _, _)| s == 200)
+    });
+    assert!(up, "keywatch answers /healthz on {addr}");
+}
+
+/// The value of the sample `name_and_labels` (as written in the text format) in `scrape`.
+pub fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
