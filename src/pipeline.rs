@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::detect::{Context, Detector, Detectors, Observation};
 use crate::event::{self, RejectReason};
-use crate::geo::{GeoHandle, Location};
+use crate::geo::{GeoHandle, Location, LocationCache};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
 use crate::notify::{AlertChange, ChangeTracker};
@@ -159,8 +159,8 @@ pub struct IngestStats {
     pub unknown_key_lines: u64,
     pub first_event: Option<DateTime<Utc>>,
     pub last_event: Option<DateTime<Utc>>,
-    pub keys: HashSet<Uuid>,
-    pub orgs: HashSet<Uuid>,
+    pub keys: HashSet<Uuid, foldhash::quality::RandomState>,
+    pub orgs: HashSet<Uuid, foldhash::quality::RandomState>,
     pub commits: u64,
     /// Fingerprints of the alerts the lines opened or updated.
     pub alerts: HashSet<String>,
@@ -199,6 +199,57 @@ pub struct Pipeline {
     activity: crate::activity::ActivityTracker,
     /// Sources waiting to hear that their chunks of the current batch committed.
     acks: Vec<(CommitAck, ChunkOutcome)>,
+    /// Locations of the addresses seen lately.
+    geo_cache: LocationCache,
+    /// The previous batch, while it is committed in the background.
+    in_flight: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+    /// A buffer for text made from a line's fields.
+    scratch: String,
+}
+
+/// A batch taken from the pipeline for its commit, with what to do once it is committed.
+struct Handoff {
+    store: Store,
+    metrics: Metrics,
+    batch: Batch,
+    /// Sources waiting to hear that their chunks of the batch committed.
+    acks: Vec<(CommitAck, ChunkOutcome)>,
+    /// The detectors' state as of the batch's last line, to save once it is committed.
+    states: Option<(Vec<(&'static str, String)>, DateTime<Utc>)>,
+}
+
+impl Handoff {
+    /// Commits the batch, retrying with backoff while the database is unavailable, until it
+    /// succeeds or `give_up` has passed; then answers the sources waiting on it.
+    async fn commit(self, give_up: Option<Duration>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let attempt = Instant::now();
+            let result = self.store.commit_batch(&self.batch).await;
+            self.metrics
+                .batch_committed(attempt.elapsed(), result.is_ok());
+            match result {
+                Ok(()) => break,
+                Err(e) if give_up.is_some_and(|g| started.elapsed() >= g) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Could not commit counts; will retry.");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        self.metrics.absorb(&self.batch);
+        for (ack, outcome) in self.acks {
+            ack.send(outcome);
+        }
+        if let Some((states, at)) = &self.states
+            && let Err(e) = self.store.save_detector_state(states, *at).await
+        {
+            tracing::warn!(error = %e, "Could not save what the detectors learned; they start over at the next start.");
+        }
+        Ok(())
+    }
 }
 
 /// Queues the notification-worthy change `f` makes, when notifications are on.
@@ -237,6 +288,9 @@ impl Pipeline {
             state_saved: Instant::now(),
             activity: Default::default(),
             acks: Vec::new(),
+            geo_cache: LocationCache::default(),
+            in_flight: None,
+            scratch: String::new(),
         }
     }
 
@@ -359,7 +413,7 @@ impl Pipeline {
             );
             metrics_tally.request(at, rec.http_status_code, rec.latency_ms);
             let loc = match (rec.source_ip, &geo) {
-                (Some(ip), Some(g)) => g.locate(ip),
+                (Some(ip), Some(g)) => self.geo_cache.locate(g, ip).clone(),
                 _ => Location::default(),
             };
             if let (Some(key), true) = (resolved.key_id, resolved.known) {
@@ -460,11 +514,17 @@ impl Pipeline {
         loc: &Location,
         user_agent: Option<&str>,
     ) {
+        use std::fmt::Write;
+
         use crate::activity::Facet;
         let out = &mut self.batch.activity;
         let t = &mut self.activity;
+        // Addresses and networks are written into one reused buffer, not a string per line.
+        let text = &mut self.scratch;
         if let Some(ip) = ip {
-            t.record(out, key, at, Facet::Ip, &ip.to_string());
+            text.clear();
+            let _ = write!(text, "{ip}");
+            t.record(out, key, at, Facet::Ip, text);
         }
         if let Some(c) = loc.country {
             t.record(out, key, at, Facet::Country, &String::from_utf8_lossy(&c));
@@ -473,7 +533,9 @@ impl Pipeline {
             t.record(out, key, at, Facet::City, city);
         }
         if let Some(asn) = loc.asn {
-            t.record(out, key, at, Facet::Network, &format!("AS{asn}"));
+            text.clear();
+            let _ = write!(text, "AS{asn}");
+            t.record(out, key, at, Facet::Network, text);
         }
         if let Some(ua) = user_agent {
             t.record(out, key, at, Facet::UserAgent, ua);
@@ -525,78 +587,69 @@ impl Pipeline {
             || (self.pending_lines > 0 && self.last_flush.elapsed() >= self.opts.flush_interval)
     }
 
-    /// Commits the current batch and the checkpoints it covers.
-    pub async fn flush(&mut self) -> Result<(), StoreError> {
+    /// Takes the current batch, with the checkpoints it covers and the sources waiting on it,
+    /// for a commit; `None` when there is nothing to write (an empty batch, or a dry run), in
+    /// which case the waiting sources are answered at once. Counting goes on into a new batch.
+    fn hand_off(&mut self) -> Option<Handoff> {
         self.batch.checkpoints = self
             .checkpoints
             .drain()
             .map(|(s, cp)| (s.to_string(), cp))
             .collect();
-        if self.batch.is_empty() {
-            self.pending_lines = 0;
-            self.last_flush = Instant::now();
-            self.send_acks();
-            return Ok(());
-        }
-        if self.opts.dry_run {
-            let batch = std::mem::take(&mut self.batch);
+        self.pending_lines = 0;
+        self.last_flush = Instant::now();
+        let batch = std::mem::take(&mut self.batch);
+        let acks = std::mem::take(&mut self.acks);
+        if batch.is_empty() || self.opts.dry_run {
             self.stats.dry_run_findings.extend(batch.findings);
-            self.pending_lines = 0;
-            self.last_flush = Instant::now();
-            self.send_acks();
+            for (ack, outcome) in acks {
+                ack.send(outcome);
+            }
+            return None;
+        }
+        // The detectors have seen exactly the lines up to this batch's checkpoints: now and
+        // then their state is saved with it, which bounds what a crash (kill -9) makes them
+        // forget.
+        let states = match &self.detection {
+            Some(d) if self.state_saved.elapsed() >= STATE_SAVE_EVERY => {
+                self.state_saved = Instant::now();
+                Some((
+                    d.detectors.save_state(),
+                    self.watermark.unwrap_or_else(Utc::now),
+                ))
+            }
+            _ => None,
+        };
+        Some(Handoff {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            batch,
+            acks,
+            states,
+        })
+    }
+
+    /// Waits for the batch being committed in the background, if any.
+    async fn wait_in_flight(&mut self) -> Result<(), StoreError> {
+        let Some(task) = self.in_flight.take() else {
             return Ok(());
+        };
+        match task.await {
+            Ok(result) => result?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(StoreError::Invalid(format!("a commit was cancelled: {e}"))),
         }
-        let started = Instant::now();
-        let result = self.store.commit_batch(&self.batch).await;
-        self.metrics
-            .batch_committed(started.elapsed(), result.is_ok());
-        match result {
-            Ok(()) => {
-                self.metrics.absorb(&self.batch);
-                self.batch = Batch::default();
-                self.pending_lines = 0;
-                self.stats.commits += 1;
-                self.last_flush = Instant::now();
-                self.send_acks();
-                Ok(())
-            }
-            Err(e) => {
-                // Keep the checkpoints for the retry: they still describe this batch.
-                for (s, cp) in self.batch.checkpoints.drain(..) {
-                    self.checkpoints.entry(Arc::from(s)).or_insert(cp);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Tells every source waiting on a chunk of the batch just committed.
-    fn send_acks(&mut self) {
-        for (ack, outcome) in self.acks.drain(..) {
-            ack.send(outcome);
-        }
-    }
-
-    /// Commits, retrying with backoff while the database is unavailable, until it succeeds
-    /// or `give_up` has passed. While it retries nothing is read, so the sources wait.
-    async fn flush_with_retry(&mut self, give_up: Option<Duration>) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(250);
-        loop {
-            match self.flush().await {
-                Ok(()) => return Ok(()),
-                Err(e) if give_up.is_some_and(|g| started.elapsed() >= g) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Could not commit counts; will retry.");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
+        self.stats.commits += 1;
+        Ok(())
     }
 
     /// Consumes chunks until every sender is gone or `shutdown`, committing as it goes and
     /// once more at the end. `give_up` bounds how long a failing commit is retried.
+    ///
+    /// A batch is committed in the background while the next one fills, so that parsing and
+    /// detection on one core overlap with the database's work on another; the next commit
+    /// waits for it, so commits stay in order and at most two batches are held. While a
+    /// commit retries, the next batch fills and then nothing more is read: the sources wait.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Chunk>,
@@ -624,15 +677,17 @@ impl Pipeline {
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
             }
             if self.flush_due() {
-                self.flush_with_retry(give_up).await?;
-                // Right after a commit the state matches the checkpoints; saving it now and
-                // then bounds what a crash (kill -9) makes the detectors forget.
-                if self.state_saved.elapsed() >= STATE_SAVE_EVERY {
-                    self.save_detector_state().await;
+                self.wait_in_flight().await?;
+                if let Some(h) = self.hand_off() {
+                    self.in_flight = Some(tokio::spawn(h.commit(give_up)));
                 }
             }
         }
-        self.flush_with_retry(give_up).await?;
+        self.wait_in_flight().await?;
+        if let Some(h) = self.hand_off() {
+            h.commit(give_up).await?;
+            self.stats.commits += 1;
+        }
         self.save_detector_state().await;
         Ok(self.stats)
     }
