@@ -79,6 +79,9 @@ pub struct Seen {
 /// The hash of the per-line maps here: seeded, and far cheaper than SipHash.
 type Hash = foldhash::quality::RandomState;
 
+/// The values one key-day keeps of one facet.
+type Kept = HashSet<Arc<str>, Hash>;
+
 /// Activity counted since the last commit.
 pub type Activity = HashMap<ActivityKey, Seen, Hash>;
 
@@ -86,7 +89,7 @@ pub type Activity = HashMap<ActivityKey, Seen, Hash>;
 /// for a whole day and not only for one batch.
 #[derive(Debug)]
 pub struct ActivityTracker {
-    kept: HashMap<(Uuid, DateTime<Utc>, Facet), HashSet<Arc<str>, Hash>, Hash>,
+    kept: HashMap<(Uuid, DateTime<Utc>, Facet), Kept, Hash>,
     other: Arc<str>,
 }
 

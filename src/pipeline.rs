@@ -207,6 +207,9 @@ pub struct Pipeline {
     scratch: String,
 }
 
+/// What [`Detectors::save_state`] returns: each detector's name and state.
+type DetectorStates = Vec<(&'static str, String)>;
+
 /// A batch taken from the pipeline for its commit, with what to do once it is committed.
 struct Handoff {
     store: Store,
@@ -215,7 +218,7 @@ struct Handoff {
     /// Sources waiting to hear that their chunks of the batch committed.
     acks: Vec<(CommitAck, ChunkOutcome)>,
     /// The detectors' state as of the batch's last line, to save once it is committed.
-    states: Option<(Vec<(&'static str, String)>, DateTime<Utc>)>,
+    states: Option<(DetectorStates, DateTime<Utc>)>,
 }
 
 impl Handoff {
