@@ -7,6 +7,7 @@
 //! pipeline feeds it and the store writes what it collected.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
@@ -62,7 +63,9 @@ pub struct ActivityKey {
     pub key_id: Uuid,
     pub day: DateTime<Utc>,
     pub facet: Facet,
-    pub value: String,
+    /// Shared with the tracker's set of kept values: counting a value seen before allocates
+    /// nothing.
+    pub value: Arc<str>,
 }
 
 /// What a row adds.
@@ -73,14 +76,30 @@ pub struct Seen {
     pub requests: u64,
 }
 
+/// The hash of the per-line maps here: seeded, and far cheaper than SipHash.
+type Hash = foldhash::quality::RandomState;
+
+/// The values one key-day keeps of one facet.
+type Kept = HashSet<Arc<str>, Hash>;
+
 /// Activity counted since the last commit.
-pub type Activity = HashMap<ActivityKey, Seen>;
+pub type Activity = HashMap<ActivityKey, Seen, Hash>;
 
 /// Remembers which values each key-day already keeps, across commits, so the bound holds
 /// for a whole day and not only for one batch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ActivityTracker {
-    kept: HashMap<(Uuid, DateTime<Utc>, Facet), HashSet<String>>,
+    kept: HashMap<(Uuid, DateTime<Utc>, Facet), Kept, Hash>,
+    other: Arc<str>,
+}
+
+impl Default for ActivityTracker {
+    fn default() -> ActivityTracker {
+        ActivityTracker {
+            kept: HashMap::default(),
+            other: Arc::from(OTHER),
+        }
+    }
 }
 
 impl ActivityTracker {
@@ -96,18 +115,20 @@ impl ActivityTracker {
         let day = Granularity::Day.truncate(at);
         // User agents come from clients, and some paste their key into them.
         let redacted = crate::keys::redact_keys(value);
-        let value: String = redacted
-            .as_deref()
-            .unwrap_or(value)
-            .chars()
-            .take(MAX_VALUE_LEN)
-            .collect();
+        let value = redacted.as_deref().unwrap_or(value);
+        let value = match value.char_indices().nth(MAX_VALUE_LEN) {
+            Some((end, _)) => &value[..end],
+            None => value,
+        };
         let kept = self.kept.entry((key_id, day, facet)).or_default();
-        let value = if kept.contains(&value) || kept.len() < VALUES_PER_DAY {
-            kept.insert(value.clone());
-            value
-        } else {
-            OTHER.to_owned()
+        let value = match kept.get(value) {
+            Some(v) => Arc::clone(v),
+            None if kept.len() < VALUES_PER_DAY => {
+                let v: Arc<str> = Arc::from(value);
+                kept.insert(Arc::clone(&v));
+                v
+            }
+            None => Arc::clone(&self.other),
         };
         out.entry(ActivityKey {
             key_id,
@@ -142,7 +163,7 @@ mod tests {
     #[test]
     fn each_key_day_keeps_a_bounded_set_of_values() {
         let mut t = ActivityTracker::default();
-        let mut out = Activity::new();
+        let mut out = Activity::default();
         let key = Uuid::new_v4();
         let at: DateTime<Utc> = "2026-11-20T12:00:00Z".parse().unwrap();
         for i in 0..VALUES_PER_DAY + 10 {
@@ -171,7 +192,7 @@ mod tests {
         assert_eq!(out[&first].requests, 2);
         assert_eq!(out[&first].last, at + Duration::minutes(5));
         // A new day starts a new set.
-        let mut next = Activity::new();
+        let mut next = Activity::default();
         t.record(
             &mut next,
             key,

@@ -405,6 +405,37 @@ impl GeoHandle {
     }
 }
 
+/// Addresses a [`LocationCache`] remembers before it starts over.
+const CACHE_ENTRIES: usize = 65_536;
+
+/// Locations already looked up, by address, for the databases they came from: a client sends
+/// many requests from one address, and a lookup walks the database's tree and decodes a record.
+/// Bounded: once full it is emptied and refills with the addresses in use.
+#[derive(Debug, Default)]
+pub struct LocationCache {
+    /// The databases the entries came from; others (a reload swapped them) empty the cache.
+    db: Option<std::sync::Arc<GeoDb>>,
+    entries: std::collections::HashMap<IpAddr, Location>,
+}
+
+impl LocationCache {
+    /// [`GeoDb::locate`] of `ip` in `db`, remembered.
+    pub fn locate(&mut self, db: &std::sync::Arc<GeoDb>, ip: IpAddr) -> &Location {
+        if !self
+            .db
+            .as_ref()
+            .is_some_and(|d| std::sync::Arc::ptr_eq(d, db))
+        {
+            self.db = Some(std::sync::Arc::clone(db));
+            self.entries.clear();
+        }
+        if self.entries.len() >= CACHE_ENTRIES && !self.entries.contains_key(&ip) {
+            self.entries.clear();
+        }
+        self.entries.entry(ip).or_insert_with(|| db.locate(ip))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +459,30 @@ mod tests {
         let dbip = GeoDb::open(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/geoip"))).unwrap();
         assert_eq!(dbip.country("81.2.69.160".parse().unwrap()), Some(*b"GB"));
         assert_eq!(dbip.country("10.0.0.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_database_and_follows_a_swap() {
+        let city = std::sync::Arc::new(
+            GeoDb::open(&Path::new(TEST_DIR).join("GeoIP2-City-Test.mmdb")).unwrap(),
+        );
+        let asn = std::sync::Arc::new(
+            GeoDb::open(&Path::new(TEST_DIR).join("GeoLite2-ASN-Test.mmdb")).unwrap(),
+        );
+        let mut cache = LocationCache::default();
+        let ip: IpAddr = "81.2.69.160".parse().unwrap();
+        assert_eq!(cache.locate(&city, ip), &city.locate(ip));
+        assert_eq!(cache.locate(&city, ip).city.as_deref(), Some("London"));
+        assert_eq!(
+            cache.locate(&asn, ip),
+            &Location::default(),
+            "other databases are asked again"
+        );
+        for i in 0..(CACHE_ENTRIES as u32 + 10) {
+            cache.locate(&city, IpAddr::from(i.to_be_bytes()));
+        }
+        assert!(cache.entries.len() <= CACHE_ENTRIES, "bounded");
+        assert_eq!(cache.locate(&city, ip).city.as_deref(), Some("London"));
     }
 
     #[test]

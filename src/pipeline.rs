@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::detect::{Context, Detector, Detectors, Observation};
 use crate::event::{self, RejectReason};
-use crate::geo::{GeoHandle, Location};
+use crate::geo::{GeoHandle, Location, LocationCache};
 use crate::keys::{KeyCache, redact_keys};
 use crate::metrics::Metrics;
 use crate::notify::{AlertChange, ChangeTracker};
@@ -165,8 +165,8 @@ pub struct IngestStats {
     pub unknown_key_lines: u64,
     pub first_event: Option<DateTime<Utc>>,
     pub last_event: Option<DateTime<Utc>>,
-    pub keys: HashSet<Uuid>,
-    pub orgs: HashSet<Uuid>,
+    pub keys: HashSet<Uuid, foldhash::quality::RandomState>,
+    pub orgs: HashSet<Uuid, foldhash::quality::RandomState>,
     pub commits: u64,
     /// Fingerprints of the alerts the lines opened or updated.
     pub alerts: HashSet<String>,
@@ -209,6 +209,10 @@ pub struct Pipeline {
     acks: Vec<(CommitAck, ChunkOutcome)>,
     /// Batch numbering and failure reporting of [`retry`].
     commits: retry::Commits,
+    /// Locations of the addresses seen lately.
+    geo_cache: LocationCache,
+    /// A buffer for text made from a line's fields.
+    scratch: String,
 }
 
 /// Queues the notification-worthy change `f` makes, when notifications are on.
@@ -255,6 +259,8 @@ impl Pipeline {
             activity: Default::default(),
             acks: Vec::new(),
             commits: Default::default(),
+            geo_cache: LocationCache::default(),
+            scratch: String::new(),
         }
     }
 
@@ -378,7 +384,7 @@ impl Pipeline {
             );
             metrics_tally.request(at, rec.http_status_code, rec.latency_ms);
             let loc = match (rec.source_ip, &geo) {
-                (Some(ip), Some(g)) => g.locate(ip),
+                (Some(ip), Some(g)) => self.geo_cache.locate(g, ip).clone(),
                 _ => Location::default(),
             };
             if let (Some(key), true) = (resolved.key_id, resolved.known) {
@@ -485,11 +491,17 @@ impl Pipeline {
         loc: &Location,
         user_agent: Option<&str>,
     ) {
+        use std::fmt::Write;
+
         use crate::activity::Facet;
         let out = &mut self.batch.activity;
         let t = &mut self.activity;
+        // Addresses and networks are written into one reused buffer, not a string per line.
+        let text = &mut self.scratch;
         if let Some(ip) = ip {
-            t.record(out, key, at, Facet::Ip, &ip.to_string());
+            text.clear();
+            let _ = write!(text, "{ip}");
+            t.record(out, key, at, Facet::Ip, text);
         }
         if let Some(c) = loc.country {
             t.record(out, key, at, Facet::Country, &String::from_utf8_lossy(&c));
@@ -498,7 +510,9 @@ impl Pipeline {
             t.record(out, key, at, Facet::City, city);
         }
         if let Some(asn) = loc.asn {
-            t.record(out, key, at, Facet::Network, &format!("AS{asn}"));
+            text.clear();
+            let _ = write!(text, "AS{asn}");
+            t.record(out, key, at, Facet::Network, text);
         }
         if let Some(ua) = user_agent {
             t.record(out, key, at, Facet::UserAgent, ua);
@@ -668,7 +682,12 @@ impl Pipeline {
         // within its month.
         let (_, month_end) = crate::usage::month_of(w);
         let until = (w + chrono::Duration::hours(1)).min(month_end - chrono::Duration::seconds(1));
-        let totals = match crate::report::month_to_date(&self.store, until).await {
+        let started = Instant::now();
+        let totals = crate::report::month_to_date(&self.store, until).await;
+        // A large database makes the query slow: then it runs less often, so that it never
+        // takes more than about 2% of the pipeline's time.
+        self.totals_synced = Instant::now() + started.elapsed() * 50;
+        let totals = match totals {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "Could not read the organizations' month-to-date totals; the quota detector counts on from its own.");

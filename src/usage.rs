@@ -205,10 +205,13 @@ pub struct SeriesKey {
     pub mcp: Arc<str>,
 }
 
+/// The series of one granularity in a [`Rollup`].
+pub type SeriesMap = HashMap<SeriesKey, Counters, foldhash::quality::RandomState>;
+
 /// Counts accumulated since the last commit, per granularity.
 #[derive(Debug, Default)]
 pub struct Rollup {
-    buckets: [HashMap<SeriesKey, Counters>; 3],
+    buckets: [SeriesMap; 3],
     requests: u64,
 }
 
@@ -250,13 +253,13 @@ impl Rollup {
     }
 
     /// The series of one granularity.
-    pub fn series(&self, g: Granularity) -> &HashMap<SeriesKey, Counters> {
+    pub fn series(&self, g: Granularity) -> &SeriesMap {
         &self.buckets[g as usize]
     }
 
     /// Number of rows a commit of this rollup writes.
     pub fn row_count(&self) -> usize {
-        self.buckets.iter().map(HashMap::len).sum()
+        self.buckets.iter().map(SeriesMap::len).sum()
     }
 }
 

@@ -9,7 +9,7 @@
 //! The baseline learns only from minutes that have left the window and only while no episode
 //! of that class is open, so an incident does not teach itself as normal while it lasts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -154,7 +154,11 @@ impl ErrSeries {
                 break;
             }
             let c = self.ring[Self::slot(mm)];
-            let decay = decay_per_min.powf((mm - self.folded) as f64);
+            // One minute after the last fold, as it nearly always is: the factor itself.
+            let decay = match mm - self.folded {
+                1 => decay_per_min,
+                d => decay_per_min.powf(d as f64),
+            };
             for i in 0..3 {
                 self.base_req[i] *= decay;
                 self.base_err[i] *= decay;
@@ -192,6 +196,9 @@ pub struct ErrorDetector {
     series: HashMap<Subject, ErrSeries>,
     mcp_series: usize,
     episodes: Episodes,
+    /// The subjects that may have an open episode. Formatting a fingerprint costs more than
+    /// the rest of a line's error detection, so subjects outside this set skip it.
+    maybe_open: HashSet<Subject>,
 }
 
 impl ErrorDetector {
@@ -206,6 +213,7 @@ impl ErrorDetector {
             series: HashMap::new(),
             mcp_series: 0,
             episodes,
+            maybe_open: HashSet::new(),
         }
     }
 
@@ -214,10 +222,7 @@ impl ErrorDetector {
     }
 
     fn open_classes(&self, subject: &Subject) -> [bool; 3] {
-        CLASSES.map(|(_, f)| {
-            self.episodes
-                .is_open(&fingerprint(AlertType::ErrorSpike, subject, Some(f)))
-        })
+        open_classes(&self.episodes, &self.maybe_open, subject)
     }
 
     fn judge(&mut self, subject: &Subject, obs: &Observation) -> Vec<Finding> {
@@ -228,6 +233,7 @@ impl ErrorDetector {
         };
         let w = series.window(win);
         let n = w[0];
+        let maybe_open = self.maybe_open.contains(subject);
         let mut out = Vec::new();
         for (i, (_, facet)) in CLASSES.iter().enumerate() {
             let k = w[1 + i];
@@ -238,18 +244,21 @@ impl ErrorDetector {
             } else {
                 f64::from(k) / f64::from(n)
             };
-            let fp = fingerprint(AlertType::ErrorSpike, subject, Some(facet));
+            // Only an open episode can be held.
+            let fp = || fingerprint(AlertType::ErrorSpike, subject, Some(facet));
             let floor = s.min_ratio * p + s.min_excess;
             if n < s.min_requests || k < s.min_errors || frac < floor {
                 // Recovery threshold: half-way between the baseline and the trigger floor.
-                if k >= 5 && frac >= (p + floor) / 2.0 {
-                    self.episodes.hold(&fp, obs.at);
+                if maybe_open && k >= 5 && frac >= (p + floor) / 2.0 {
+                    self.episodes.hold(&fp(), obs.at);
                 }
                 continue;
             }
             let pv = binomial_tail(u64::from(n), u64::from(k), p);
             if pv > s.max_p_value {
-                self.episodes.hold(&fp, obs.at);
+                if maybe_open {
+                    self.episodes.hold(&fp(), obs.at);
+                }
                 continue;
             }
             let severity = match (i, frac >= 0.5) {
@@ -302,10 +311,23 @@ impl ErrorDetector {
                 f.key_prefix = None;
                 f.source_ip = None;
             }
+            self.maybe_open.insert(subject.clone());
             out.extend(self.episodes.raise(f));
         }
         out
     }
+}
+
+/// Which of `subject`'s classes have an open episode.
+fn open_classes(
+    episodes: &Episodes,
+    maybe_open: &HashSet<Subject>,
+    subject: &Subject,
+) -> [bool; 3] {
+    if !maybe_open.contains(subject) {
+        return [false; 3];
+    }
+    CLASSES.map(|(_, f)| episodes.is_open(&fingerprint(AlertType::ErrorSpike, subject, Some(f))))
 }
 
 impl Detector for ErrorDetector {
@@ -358,14 +380,24 @@ impl Detector for ErrorDetector {
         let m = minute_of(now);
         let win = self.s.window_minutes.clamp(1, RING_MINUTES as u32 - 1);
         let decay = self.decay_per_min();
-        let subjects: Vec<Subject> = self.series.keys().cloned().collect();
-        for subject in subjects {
-            let open = self.open_classes(&subject);
-            if let Some(s) = self.series.get_mut(&subject) {
-                s.advance(m, win, decay, open);
-            }
+        for (subject, s) in self.series.iter_mut() {
+            s.advance(
+                m,
+                win,
+                decay,
+                open_classes(&self.episodes, &self.maybe_open, subject),
+            );
         }
-        self.episodes.sweep(now)
+        let resolved = self.episodes.sweep(now);
+        if !resolved.is_empty() {
+            let episodes = &self.episodes;
+            self.maybe_open.retain(|subject| {
+                CLASSES.iter().any(|(_, f)| {
+                    episodes.is_open(&fingerprint(AlertType::ErrorSpike, subject, Some(f)))
+                })
+            });
+        }
+        resolved
     }
 }
 

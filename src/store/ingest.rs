@@ -217,7 +217,7 @@ impl Store {
                     b.push_bind(k.key_id.hyphenated().to_string())
                         .push_bind(DbTime(k.day))
                         .push_bind(k.facet.as_str())
-                        .push_bind(k.value.clone())
+                        .push_bind(k.value.to_string())
                         .push_bind(DbTime(seen.first))
                         .push_bind(DbTime(seen.last))
                         .push_bind(i64::try_from(seen.requests).unwrap_or(i64::MAX));
