@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::smtp::*;
 use common::*;
 use serde_json::Value;
 
@@ -501,40 +502,10 @@ fn probe(ip: &str) -> Vec<String> {
 
 /// A sink of `tests/data` (`smtp_sink.py`, `webhook_sink.py`) on `port`, keeping what it
 /// receives in `dir`; returns once it listens.
-fn sink(script: &str, port: u16, dir: &Path, args: &[&str]) -> KillOnDrop {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new("python3")
-        .arg(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/data")
-                .join(script),
-        )
-        .arg(port.to_string())
-        .arg(dir)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python3 runs");
-    let out = child.stdout.take().unwrap();
-    let guard = KillOnDrop(child);
-    let mut line = String::new();
-    std::io::BufReader::new(out).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "{script} started");
-    guard
-}
-
-/// The `.json` records a sink wrote, oldest first.
-fn received(dir: &Path) -> Vec<Value> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
-        .unwrap_or_default();
-    names.retain(|p| p.extension().is_some_and(|x| x == "json"));
-    names.sort();
-    names
-        .iter()
-        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
-        .collect()
+fn sink(script: &'static str, port: u16, dir: &Path, args: &[&str]) -> Sink {
+    let mut s = Sink::new(dir.to_path_buf(), port).with(script, args);
+    s.start();
+    s
 }
 
 /// (receiver, status, attempts) of every notification.

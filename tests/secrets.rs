@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use common::smtp::*;
 use common::*;
 use sha2::Digest;
 
@@ -409,23 +409,8 @@ fn no_full_key_is_written_anywhere() {
     let mail_dir = db.path("smtp");
     std::fs::create_dir_all(&mail_dir).unwrap();
     let smtp_port = free_port();
-    let mut sink = KillOnDrop(
-        Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/data/smtp_sink.py"
-            ))
-            .arg(smtp_port.to_string())
-            .arg(&mail_dir)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut ready = String::new();
-    std::io::BufReader::new(sink.0.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let mut sink = Sink::new(mail_dir.clone(), smtp_port);
+    sink.start();
     let mbox = db.path("alerts.mbox");
     let cfg = db.path("alerts.toml");
     std::fs::write(

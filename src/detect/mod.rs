@@ -114,19 +114,6 @@ impl Severity {
             Severity::Critical => "critical",
         }
     }
-
-    /// The severity [`Severity::as_str`] names.
-    pub fn parse(s: &str) -> Option<Severity> {
-        [
-            Severity::Info,
-            Severity::Low,
-            Severity::Medium,
-            Severity::High,
-            Severity::Critical,
-        ]
-        .into_iter()
-        .find(|v| v.as_str() == s)
-    }
 }
 
 /// The alert `type` values of issue 3; each variant is the type [`AlertType::as_str`] names.

@@ -45,7 +45,7 @@ macro_rules! stored_states {
             .map_err(failed)?;
             let state = row.map(|(status, severity, later)| $crate::notify::StoredState {
                 status: $crate::notify::StoredStatus::parse(&status),
-                severity: $crate::detect::Severity::parse(&severity)
+                severity: $crate::notify::route::parse_severity(&severity)
                     .unwrap_or($crate::detect::Severity::Info),
                 later_episode: later != 0,
             });

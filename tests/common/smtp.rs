@@ -65,17 +65,7 @@ impl Sink {
     }
 
     pub fn messages(&self) -> Vec<Value> {
-        let mut names: Vec<_> = std::fs::read_dir(&self.dir)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        names.sort();
-        names
-            .iter()
-            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
-            .collect()
+        received(&self.dir)
     }
 }
 
@@ -86,4 +76,17 @@ impl Drop for Sink {
             let _ = c.wait();
         }
     }
+}
+
+/// The `.json` records a sink wrote to `dir`, oldest first (none when `dir` is missing).
+pub fn received(dir: &Path) -> Vec<Value> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    names.retain(|p| p.extension().is_some_and(|x| x == "json"));
+    names.sort();
+    names
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
 }
