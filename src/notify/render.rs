@@ -55,7 +55,10 @@ fn text_safe(s: &str) -> String {
 
 fn subject_of(a: &AlertChange) -> String {
     match (&a.key_prefix, &a.key_id) {
-        (Some(p), _) if let Some(n) = &a.key_name => format!("key \"{n}\" ({p}...)"),
+        // The key tables' prefixes already end in "...".
+        (Some(p), _) if let Some(n) = &a.key_name => {
+            format!("key \"{n}\" ({}...)", p.trim_end_matches('.'))
+        }
         (Some(p), _) => format!("key {p}"),
         (None, Some(k)) => format!("key {k}"),
         _ => a
@@ -340,6 +343,16 @@ mod tests {
             n.subject.starts_with(
                 "[keywatch] HIGH impossible travel: key \"ci-deploy\" (pmcp_01ab2c3d4e5f6a7b...)"
             ),
+            "{}",
+            n.subject
+        );
+        // As the key tables store it: the dots are not doubled.
+        let mut b = d.new[0].clone();
+        b.key_prefix = Some("pmcp_01ab2c3d4e5f...".into());
+        let n = render(&Draft { new: vec![b], ..d }, Utc::now());
+        assert!(
+            n.subject
+                .contains("key \"ci-deploy\" (pmcp_01ab2c3d4e5f...)"),
             "{}",
             n.subject
         );
