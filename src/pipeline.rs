@@ -7,6 +7,7 @@
 //! changes among them worth telling someone about). The stages themselves live in their modules (`event`, `keys`, `usage`); this
 //! file only drives them, and it never reads a file or writes SQL.
 
+mod chart;
 mod retry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -584,6 +585,9 @@ impl Pipeline {
             self.last_flush = Instant::now();
             self.send_acks();
             return Ok(());
+        }
+        if !self.batch.changes.is_empty() {
+            chart::fill(&self.store, &mut self.batch).await;
         }
         let started = Instant::now();
         let result = self.store.commit_batch(&self.batch).await;

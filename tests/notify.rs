@@ -1150,3 +1150,132 @@ to_org = true
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An error alert's email shows the key's last hours (issue 4): the errors of the alert's
+/// class per hour as an inline chart, drawn from the usage rollups, and the hours it draws
+/// are the log's own counts, each expecting the key's baseline fraction of its requests.
+#[test]
+fn an_error_alert_carries_a_chart_of_its_subjects_last_hours() {
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    let log = db.path("requests.log");
+    simulate(
+        &db,
+        &log,
+        &[
+            "--keys",
+            "3",
+            "--orgs",
+            "1",
+            "--lines",
+            "3000",
+            "--days",
+            "0.25",
+            "--error-share",
+            "0",
+            "--refused-share",
+            "0",
+            "--seed",
+            "5",
+        ],
+    );
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let (key, org, prefix) = (
+        first["api_key_id"].as_str().unwrap().to_owned(),
+        first["organization_id"].as_str().unwrap().to_owned(),
+        first["key_prefix"].as_str().unwrap().to_owned(),
+    );
+    // Ten minutes after the simulated traffic ends, the key fails 40 times in a minute.
+    let burst: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                r#"{{"created_at":"2026-11-20T12:10:{:02}Z","organization_id":"{org}","api_key_id":"{key}","key_prefix":"{prefix}","mcp_server_name":"github","http_status_code":500,"error_code":"internal_error","latency_ms":40,"source_ip":"81.2.69.160","user_agent":"plexmcp-python/1.4.0"}}"#,
+                i
+            )
+        })
+        .collect();
+    append(&log, &burst);
+    // The oracle: the key's requests and 5xx per hour, from the log itself.
+    let mut per_hour: std::collections::BTreeMap<i64, (u64, u64)> = Default::default();
+    for l in std::fs::read_to_string(&log).unwrap().lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        if v["api_key_id"].as_str() != Some(key.as_str()) {
+            continue;
+        }
+        let at: chrono::DateTime<chrono::Utc> = v["created_at"].as_str().unwrap().parse().unwrap();
+        let h = per_hour.entry(at.timestamp() / 3600 * 3600).or_default();
+        h.0 += 1;
+        h.1 += u64::from(v["http_status_code"].as_u64().unwrap() >= 500);
+    }
+    let (cfg, mbox) = mbox_toml(&db);
+    ingest_notify(&db, &cfg, &log, &[]);
+
+    let fp = format!("error_spike/key:{key}/5xx");
+    let rows = db.query(&format!(
+        "SELECT payload FROM kw_outbox WHERE fingerprint = '{fp}' AND change = 'opened'"
+    ));
+    assert_eq!(rows.len(), 1, "the key's 5xx alert was queued once");
+    let change: Value = serde_json::from_str(rows[0][0].as_deref().unwrap()).unwrap();
+    let baseline = change["evidence"]["expected"].as_f64().unwrap();
+    let hourly = change["evidence"]["hourly"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the error alert carries its hours: {change}"));
+    let drawn: Vec<(i64, u64, f64)> = hourly
+        .iter()
+        .map(|h| {
+            (
+                h[0].as_i64().unwrap(),
+                h[1].as_u64().unwrap(),
+                h[2].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(i64, u64, f64)> = per_hour
+        .iter()
+        .map(|(&start, &(requests, errors))| (start, errors, requests as f64 * baseline))
+        .collect();
+    assert_eq!(drawn.len(), want.len(), "{drawn:?} against {want:?}");
+    for (d, w) in drawn.iter().zip(&want) {
+        assert_eq!((d.0, d.1), (w.0, w.1), "{drawn:?} against {want:?}");
+        assert!((d.2 - w.2).abs() < 1e-6, "{drawn:?} against {want:?}");
+    }
+    assert_eq!(
+        drawn.last().unwrap().1,
+        40,
+        "the alerting hour holds the burst"
+    );
+    assert!(
+        drawn.len() >= 6,
+        "the simulated hours are drawn too: {drawn:?}"
+    );
+
+    // The MCP's alert has its chart too, and the email carries both inline.
+    let mcp = db.query(
+        "SELECT payload FROM kw_outbox WHERE fingerprint = 'error_spike/mcp:github/5xx' AND change = 'opened'",
+    );
+    assert_eq!(mcp.len(), 1, "the MCP's 5xx alert was queued once");
+    let mcp: Value = serde_json::from_str(mcp[0][0].as_deref().unwrap()).unwrap();
+    assert!(mcp["evidence"]["hourly"].as_array().unwrap().len() >= 2);
+    let text = std::fs::read_to_string(&mbox).expect("the mailbox was written");
+    let messages: Vec<&str> = text.split("\nFrom ").collect();
+    let errors: Vec<&&str> = messages
+        .iter()
+        .filter(|m| m.contains("Subject: [keywatch] ") && m.contains("error spike"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        2,
+        "one email per alert (grouped by fingerprint)"
+    );
+    for m in errors {
+        assert!(m.contains("multipart/related"), "{m}");
+        assert_eq!(m.matches("Content-Type: image/png").count(), 1, "{m}");
+        assert!(m.contains("Content-ID: <chart-"), "{m}");
+    }
+}

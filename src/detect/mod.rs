@@ -234,7 +234,8 @@ pub struct Evidence {
     /// When a trend reaches its limit at the current rate (quota forecasts).
     pub forecast_at: Option<DateTime<Utc>>,
     /// Requests per hour up to the finding (rate findings), oldest first: the hour's start in
-    /// Unix seconds, the count, and what the baseline expected of the whole hour.
+    /// Unix seconds, the count, and what the baseline expected of the whole hour. Error
+    /// findings leave it empty: the pipeline fills their hours from the usage rollups.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hourly: Vec<(i64, u32, Option<f64>)>,
     /// The country the finding is about (location findings): what marking it benign teaches.

@@ -1,10 +1,12 @@
-//! The picture in a rate alert's email: the subject's requests per hour over its last hours as
-//! bars, the band its baseline expected behind them, and the alerting hour in red — drawn as a
-//! small PNG by keywatch itself (a palette image, deflated with flate2), so no chart library
-//! or font is needed and the same alert always gives the same bytes.
+//! The picture in a rate or error alert's email: the subject's requests (or errors of the
+//! alert's class) per hour over its last hours as bars, the band its baseline expected behind
+//! them, and the alerting hour in red — drawn as a small PNG by keywatch itself (a palette
+//! image, deflated with flate2), so no chart library or font is needed and the same alert
+//! always gives the same bytes.
 //!
-//! Owns only drawing: it reads the `hourly` series a detector put in the evidence and never
-//! decides anything about the alert.
+//! Owns only drawing: it reads the `hourly` series in the evidence (put there by the rate
+//! detector, or for error alerts by the pipeline from the usage rollups) and never decides
+//! anything about the alert.
 
 use sha2::Digest;
 

@@ -275,14 +275,32 @@ fn write_alert(text: &mut String, html: &mut String, a: &AlertChange, resolved: 
         }
     }
     if let Some(hours) = super::chart::series(a) {
+        // What the bars count, and what the line expects of each hour.
+        let (what, expected) = if a.alert_type == "error_spike" {
+            let class = a
+                .evidence
+                .get("top")
+                .and_then(|t| t.get(0))
+                .and_then(|t| t.get(0))
+                .and_then(|c| c.as_str())
+                .unwrap_or("");
+            (
+                format!("{} errors per hour", html_escape(class)),
+                "what the usual error rate makes of that hour's requests",
+            )
+        } else {
+            (
+                "Requests per hour".to_owned(),
+                "what this hour of the week usually sees",
+            )
+        };
         let _ = write!(
             html,
-            "<p><img src=\"cid:{}\" width=\"{}\" height=\"{}\" alt=\"Requests per hour over the last {} hours\"><br><small>Requests per hour, the last {} hours (the last one so far): bars; the alerting hour in red; the dark line is what this hour of the week usually sees, the shaded band half to one and a half times that.</small></p>",
-            super::chart::content_id(a),
-            super::chart::WIDTH,
-            super::chart::HEIGHT,
-            hours.len(),
-            hours.len()
+            "<p><img src=\"cid:{cid}\" width=\"{w}\" height=\"{h}\" alt=\"{what} over the last {n} hours\"><br><small>{what}, the last {n} hours (the last one so far): bars; the alerting hour in red; the dark line is {expected}, the shaded band half to one and a half times that.</small></p>",
+            cid = super::chart::content_id(a),
+            w = super::chart::WIDTH,
+            h = super::chart::HEIGHT,
+            n = hours.len(),
         );
     }
     html.push_str("<table style=\"font-size:90%\">");
