@@ -613,19 +613,30 @@ async fn seed_metrics(store: &Store, metrics: &Metrics, geo: Option<&crate::geo:
 
 /// Runs delivery with the settings `notify` holds, restarting the dispatcher and sender when
 /// they change (alerts.toml reloaded). Their state (groups, outbox, retries) is in the
-/// database, so a restart of them loses nothing, as a restart of the process does not.
+/// database, so a restart of them loses nothing, as a restart of the process does not. When
+/// delivery stops with an error (the database failing as it loads its state), it is started
+/// again after a pause that doubles up to a minute: the outbox keeps what is due meanwhile.
 async fn deliver_reloading(
     store: Store,
     mut notify: tokio::sync::watch::Receiver<Option<Notify>>,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
+    /// Why one run of delivery ended.
+    enum Next {
+        Stop,
+        Reload,
+        Failed,
+    }
+    const FIRST_PAUSE: Duration = Duration::from_secs(1);
+    const LONGEST_PAUSE: Duration = Duration::from_secs(60);
+    let mut pause = FIRST_PAUSE;
     loop {
         let Some(n) = notify.borrow_and_update().clone() else {
             return;
         };
         let this = stop.child_token();
-        let task = tokio::spawn(crate::notify::run_delivery(
+        let mut task = tokio::spawn(crate::notify::run_delivery(
             store.clone(),
             n.settings,
             n.receivers,
@@ -633,20 +644,40 @@ async fn deliver_reloading(
             metrics.clone(),
             this.clone(),
         ));
-        let changed = tokio::select! {
-            _ = stop.cancelled() => false,
-            r = notify.changed() => r.is_ok(),
+        let (next, ended) = tokio::select! {
+            _ = stop.cancelled() => (Next::Stop, None),
+            r = notify.changed() => (if r.is_ok() { Next::Reload } else { Next::Stop }, None),
+            r = &mut task => (Next::Failed, Some(r)),
         };
         this.cancel();
-        match task.await {
+        let ended = match ended {
+            Some(r) => r,
+            None => task.await,
+        };
+        match ended {
             Ok(Err(e)) => tracing::warn!(error = %e, "Alert delivery stopped with an error."),
             Err(e) => tracing::warn!(error = %e, "The alert delivery task failed."),
             Ok(Ok(())) => {}
         }
-        if !changed {
-            return;
+        match next {
+            Next::Stop => return,
+            Next::Reload => {
+                pause = FIRST_PAUSE;
+                tracing::info!("Alert delivery restarted with the reloaded settings.");
+            }
+            Next::Failed => {
+                tracing::info!(
+                    in_secs = pause.as_secs(),
+                    "Alert delivery starts again shortly; notifications wait in the outbox."
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                    r = notify.changed() => if r.is_err() { return },
+                }
+                pause = (pause * 2).min(LONGEST_PAUSE);
+            }
         }
-        tracing::info!("Alert delivery restarted with the reloaded settings.");
     }
 }
 

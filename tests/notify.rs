@@ -1279,3 +1279,54 @@ fn an_error_alert_carries_a_chart_of_its_subjects_last_hours() {
         assert!(m.contains("Content-ID: <chart-"), "{m}");
     }
 }
+
+/// Delivery that fails as it starts (here: after a reload, its state's table is missing for a
+/// moment) is started again by itself; before, it stayed stopped until the next SIGHUP and
+/// every alert waited in the outbox.
+#[test]
+fn delivery_that_fails_to_start_is_started_again() {
+    let db = TestDb::new(Backend::Sqlite).unwrap();
+    let (cfg, mbox) = mbox_toml(&db);
+    let log = db.path("live.log");
+    std::fs::write(&log, "").unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let daemon = keywatch()
+        .args(["--database-url", &db.url, "run", "--listen", &addr])
+        .arg("--alerts")
+        .arg(&cfg)
+        .arg("--source")
+        .arg(format!("file:{}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    let ready = wait_until(Duration::from_secs(30), || {
+        get(&addr, "/readyz", "text/plain").is_some_and(|(status, _, _)| status == 200)
+    });
+    assert!(ready, "the daemon is ready (and handles SIGHUP)");
+    db.exec("ALTER TABLE kw_notify_groups RENAME TO kw_notify_groups_away");
+    let hup = Command::new("kill")
+        .args(["-HUP", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // Long enough for the restarted delivery to fail on the missing table, at least once.
+    std::thread::sleep(Duration::from_secs(2));
+    db.exec("ALTER TABLE kw_notify_groups_away RENAME TO kw_notify_groups");
+    append(
+        &log,
+        &probe_lines(&["89.160.20.112"], 10)
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+    );
+    let delivered = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&mbox).is_ok_and(|t| t.contains("auth failure burst"))
+    });
+    stop(daemon);
+    assert!(
+        delivered,
+        "the alert was delivered once delivery could start: {:?}",
+        notification_states(&db)
+    );
+}

@@ -199,6 +199,9 @@ pub struct ErrorDetector {
     /// The subjects that may have an open episode. Formatting a fingerprint costs more than
     /// the rest of a line's error detection, so subjects outside this set skip it.
     maybe_open: HashSet<Subject>,
+    /// Every series is advanced to at least this minute (see the rate detector's twin): a
+    /// tick within the same minute has nothing to advance.
+    swept: i64,
 }
 
 impl ErrorDetector {
@@ -214,6 +217,7 @@ impl ErrorDetector {
             mcp_series: 0,
             episodes,
             maybe_open: HashSet::new(),
+            swept: i64::MIN,
         }
     }
 
@@ -358,6 +362,9 @@ impl Detector for ErrorDetector {
                     self.mcp_series += 1;
                 }
                 self.series.insert(subject.clone(), ErrSeries::new(m));
+                if m < self.swept {
+                    self.swept = i64::MIN;
+                }
             }
             let Some(series) = self.series.get_mut(&subject) else {
                 continue;
@@ -380,13 +387,16 @@ impl Detector for ErrorDetector {
         let m = minute_of(now);
         let win = self.s.window_minutes.clamp(1, RING_MINUTES as u32 - 1);
         let decay = self.decay_per_min();
-        for (subject, s) in self.series.iter_mut() {
-            s.advance(
-                m,
-                win,
-                decay,
-                open_classes(&self.episodes, &self.maybe_open, subject),
-            );
+        if m > self.swept {
+            for (subject, s) in self.series.iter_mut() {
+                s.advance(
+                    m,
+                    win,
+                    decay,
+                    open_classes(&self.episodes, &self.maybe_open, subject),
+                );
+            }
+            self.swept = m;
         }
         let resolved = self.episodes.sweep(now);
         if !resolved.is_empty() {

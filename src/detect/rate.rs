@@ -331,6 +331,10 @@ pub struct RateDetector {
     s: RateSettings,
     series: HashMap<Subject, Series>,
     episodes: Episodes,
+    /// Every series is advanced to at least this minute: the last sweep's, or `i64::MIN`
+    /// once a series appears behind it. Lines of one minute come in many chunks, and only
+    /// the first tick of a minute has series to advance and drops to judge.
+    swept: i64,
 }
 
 impl RateDetector {
@@ -344,6 +348,7 @@ impl RateDetector {
             s,
             series: HashMap::new(),
             episodes,
+            swept: i64::MIN,
         }
     }
 
@@ -363,6 +368,7 @@ impl RateDetector {
                 self.series.entry(subject).or_insert(series);
             }
         }
+        self.swept = i64::MIN;
         Ok(())
     }
 
@@ -608,10 +614,14 @@ impl Detector for RateDetector {
         }
         let m = minute_of(obs.at);
         for (subject, rpm) in subjects {
-            let series = self
-                .series
-                .entry(subject.clone())
-                .or_insert_with(|| Series::new(obs.at));
+            let mut created = false;
+            let series = self.series.entry(subject.clone()).or_insert_with(|| {
+                created = true;
+                Series::new(obs.at)
+            });
+            if created && m < self.swept {
+                self.swept = i64::MIN;
+            }
             series.rpm = rpm;
             let newest = series.minute;
             if m < newest - LATENESS_SECS / 60 {
@@ -630,18 +640,21 @@ impl Detector for RateDetector {
 
     fn tick(&mut self, now: DateTime<Utc>) -> Vec<Finding> {
         let m = minute_of(now);
-        let mut subjects: Vec<Subject> = self.series.keys().cloned().collect();
-        subjects.sort();
         let mut out = Vec::new();
-        for subject in subjects {
-            let Some(series) = self.series.get_mut(&subject) else {
-                continue;
-            };
-            if m <= series.minute {
-                continue;
+        if m > self.swept {
+            let mut subjects: Vec<Subject> = self.series.keys().cloned().collect();
+            subjects.sort();
+            for subject in subjects {
+                let Some(series) = self.series.get_mut(&subject) else {
+                    continue;
+                };
+                if m <= series.minute {
+                    continue;
+                }
+                series.advance(m);
+                out.extend(self.judge_drop(&subject, now));
             }
-            series.advance(m);
-            out.extend(self.judge_drop(&subject, now));
+            self.swept = m;
         }
         out.extend(self.episodes.sweep(now));
         out

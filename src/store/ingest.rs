@@ -166,7 +166,16 @@ impl Store {
                 }
             }
             for g in Granularity::ALL {
-                let rows: Vec<(&SeriesKey, &Counters)> = batch.rollup.series(g).iter().collect();
+                let mut rows: Vec<(&SeriesKey, &Counters)> = batch.rollup.series(g).iter().collect();
+                if postgres {
+                    // Two instances adding to the same rows (refused keys, shared MCPs) lock
+                    // them in one order, so neither waits on the other in a cycle (a deadlock
+                    // PostgreSQL would break by failing one commit, to be retried).
+                    rows.sort_unstable_by(|(a, _), (b, _)| {
+                        (a.bucket_start, a.key_id, a.org_id, &*a.mcp)
+                            .cmp(&(b.bucket_start, b.key_id, b.org_id, &*b.mcp))
+                    });
+                }
                 for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                     let mut qb = QueryBuilder::new(upsert_head(g));
                     push_usage_rows!(qb, chunk.iter().copied());
