@@ -1385,6 +1385,12 @@ async fn simulate(database_url: &str, args: &SimulateArgs) -> anyhow::Result<()>
 }
 
 async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
+    if !args.no_serve && !args.listen.ip().is_loopback() {
+        // The demo serves /metrics and the API with no token: only to this machine.
+        bail!(
+            "keywatch demo serves only on a loopback address (--listen 127.0.0.1:9464), because it has no token to guard /metrics; `keywatch run --metrics-token-sha256` serves beyond this machine"
+        );
+    }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create the demo directory {}", args.dir.display()))?;
     let db_path = args.dir.join("keywatch.db");

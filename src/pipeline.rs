@@ -629,10 +629,15 @@ impl Pipeline {
         give_up: Option<Duration>,
     ) -> Result<IngestStats, StoreError> {
         loop {
-            let wait = self
-                .opts
-                .flush_interval
-                .saturating_sub(self.last_flush.elapsed());
+            let wait = if self.pending_lines > 0 {
+                self.opts
+                    .flush_interval
+                    .saturating_sub(self.last_flush.elapsed())
+            } else {
+                // Nothing to commit: wake only for the month-to-date read-back, not every
+                // few milliseconds.
+                (self.totals_synced + TOTALS_SYNC_EVERY).saturating_duration_since(Instant::now())
+            };
             tokio::select! {
                 biased;
                 chunk = rx.recv() => match chunk {

@@ -228,3 +228,21 @@ fn demo_shows_real_numbers_from_the_pipeline() {
     assert_eq!(total, log.lines().count() as u64);
     assert!(total > 1000);
 }
+
+/// The demo has no token for /metrics, so it refuses to serve beyond this machine, before it
+/// does any work.
+#[test]
+fn demo_refuses_a_non_loopback_listen_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keywatch()
+        .args(["demo", "--listen", "0.0.0.0:9464", "--dir"])
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    let err = one_sentence_error(&out);
+    assert!(
+        err.contains("loopback") && err.contains("--listen"),
+        "{err}"
+    );
+    assert!(!dir.path().join("demo").exists(), "nothing was generated");
+}

@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sqlx::QueryBuilder;
 
 use super::keys::DbTime;
@@ -281,17 +281,6 @@ impl Store {
                 line,
             })
             .collect())
-    }
-
-    /// The latest event time counted, if any.
-    pub async fn latest_bucket(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let row: (Option<String>,) = with_pool!(self, p => sqlx::query_as(
-            "SELECT CAST(MAX(bucket_start) AS TEXT) FROM kw_usage_minute",
-        )
-        .fetch_one(p)
-        .await)
-        .context("reading the latest usage bucket")?;
-        Ok(row.0.and_then(|s| crate::event::parse_timestamp(&s).ok()))
     }
 }
 
