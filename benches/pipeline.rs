@@ -191,6 +191,7 @@ fn whole(c: &mut Criterion) {
         first_line_no: 1,
         checkpoint: None,
         ack: None,
+        read_at: std::time::Instant::now(),
     };
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(LINES));

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::detect::{Context, Detector, Detectors, Observation};
+use crate::detect::{Context, Detector, Detectors, Finding, Observation};
 use crate::event::{self, RejectReason};
 use crate::geo::{GeoHandle, Location, LocationCache};
 use crate::keys::{KeyCache, redact_keys};
@@ -417,9 +417,7 @@ impl Pipeline {
                     org: resolved.org_id.and_then(|o| cache.org(&o)).map(|o| &**o),
                 };
                 for f in d.detectors.observe(&obs, &ctx) {
-                    self.stats.alerts.insert(f.fingerprint());
-                    queue_change(self.changes.as_mut(), &mut self.batch, &f, &cache);
-                    self.batch.findings.push(f);
+                    self.take_finding(f, &cache, Some(chunk.read_at));
                 }
             }
         }
@@ -428,9 +426,7 @@ impl Pipeline {
         }
         if let (Some(d), Some(w)) = (self.detection.as_mut(), self.watermark) {
             for f in d.detectors.tick(w) {
-                self.stats.alerts.insert(f.fingerprint());
-                queue_change(self.changes.as_mut(), &mut self.batch, &f, &cache);
-                self.batch.findings.push(f);
+                self.take_finding(f, &cache, Some(chunk.read_at));
             }
         }
         self.stats.accepted += accepted;
@@ -481,6 +477,18 @@ impl Pipeline {
                 self.stats.accepted + self.stats.rejected_total(),
             );
         }
+    }
+
+    /// Adds a detector's finding to the batch (and the outbox, when notifications are on).
+    /// `read_at` is when the chunk holding the line that decided it was read, for the
+    /// alert-decision latency; `None` for the month-to-date read-back, which no line decides.
+    fn take_finding(&mut self, f: Finding, cache: &KeyCache, read_at: Option<Instant>) {
+        if let Some(read_at) = read_at {
+            self.metrics.alert_decided(f.alert_type, read_at.elapsed());
+        }
+        self.stats.alerts.insert(f.fingerprint());
+        queue_change(self.changes.as_mut(), &mut self.batch, &f, cache);
+        self.batch.findings.push(f);
     }
 
     /// Counts where a known key was used from, for the activity report.
@@ -717,9 +725,7 @@ impl Pipeline {
             .flat_map(|(o, total)| quota.sync_month_to_date(o, w, total))
             .collect();
         for f in found {
-            self.stats.alerts.insert(f.fingerprint());
-            queue_change(self.changes.as_mut(), &mut self.batch, &f, &cache);
-            self.batch.findings.push(f);
+            self.take_finding(f, &cache, None);
             self.pending_lines = self.pending_lines.max(1);
         }
     }
@@ -736,5 +742,84 @@ impl Pipeline {
         if let Err(e) = self.store.save_detector_state(&states, at).await {
             tracing::warn!(error = %e, "Could not save what the detectors learned; they start over at the next start.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::Settings;
+    use crate::metrics::Format;
+
+    /// A histogram's count, summed over its series, and the count of its `le` bucket.
+    fn histogram_counts(scrape: &str, name: &str, le: &str) -> (u64, u64) {
+        let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok());
+        let count = format!("{name}_count");
+        let bucket = format!("{name}_bucket{{");
+        let le = format!("le=\"{le}\"");
+        scrape.lines().fold((0, 0), |(n, b), l| {
+            if l.starts_with(&count) {
+                (n + value(l).unwrap_or(0), b)
+            } else if l.starts_with(&bucket) && l.contains(&le) {
+                (n, b + value(l).unwrap_or(0))
+            } else {
+                (n, b)
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn every_finding_is_timed_from_the_read_of_its_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let metrics = Metrics::new();
+        let opts = PipelineOptions {
+            dry_run: true,
+            ..PipelineOptions::default()
+        };
+        let mut p = Pipeline::new(
+            store,
+            SharedKeys::new(KeyCache::default()),
+            metrics.clone(),
+            opts,
+        )
+        .with_detection(Detection {
+            detectors: Detectors::new(&Settings::default()),
+            geo: None,
+            notify: None,
+            settings_updates: None,
+            own_events: None,
+        });
+        // A key in a user agent is a finding of the key-in-logs detector at once, one per key.
+        // The keys are made up here (their signature is not the auth server's).
+        let mut data = String::new();
+        for i in 0..20u128 {
+            let id = Uuid::from_u128(i + 1);
+            let key = format!("pmcp_01{}{}", id.simple(), "ab".repeat(24));
+            data.push_str(&format!(
+                "{{\"created_at\":\"2026-11-20T12:{i:02}:00Z\",\"api_key_id\":\"{id}\",\
+                 \"key_prefix\":\"{}...\",\"http_status_code\":200,\"latency_ms\":5,\
+                 \"source_ip\":\"81.2.69.160\",\"user_agent\":\"script/1 ({key})\"}}\n",
+                &key[..17]
+            ));
+        }
+        // Read 30 ms ago: the chunk waited that long for the pipeline.
+        let read_at = Instant::now() - Duration::from_millis(30);
+        p.process(&Chunk {
+            source: Arc::from("file:test"),
+            data: data.into_bytes(),
+            first_line_no: 1,
+            checkpoint: None,
+            ack: None,
+            read_at,
+        });
+        p.flush().await.unwrap();
+        let findings = p.stats().dry_run_findings.len() as u64;
+        assert!(findings >= 20, "{findings} findings");
+        let scrape = metrics.render(Format::Prometheus).unwrap();
+        let (count, fast) = histogram_counts(&scrape, "keywatch_alert_decision_seconds", "0.025");
+        assert_eq!(count, findings, "one observation per finding");
+        assert_eq!(fast, 0, "timed from the read, not from processing");
     }
 }

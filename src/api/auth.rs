@@ -356,6 +356,7 @@ impl Authenticator {
             first_line_no: self.line_no.fetch_add(1, Ordering::Relaxed) + 1,
             checkpoint: None,
             ack: None,
+            read_at: std::time::Instant::now(),
         };
         if tx.try_send(chunk).is_err() {
             tracing::warn!("The pipeline is behind; a refused API credential was not recorded.");

@@ -449,6 +449,7 @@ impl<C: CheckpointReader> Tailer<C> {
                 seen: Vec::new(),
             }),
             ack: None,
+            read_at: std::time::Instant::now(),
         };
         self.tx
             .send(chunk)

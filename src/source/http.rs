@@ -326,6 +326,7 @@ async fn ingest_handler(
         first_line_no,
         checkpoint,
         ack: Some(ack),
+        read_at: std::time::Instant::now(),
     });
     match committed.await {
         Ok(outcome) => accepted(

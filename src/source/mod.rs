@@ -18,6 +18,7 @@ pub mod stdin;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -61,6 +62,10 @@ pub struct Chunk {
     pub checkpoint: Option<Checkpoint>,
     /// Fired once the counts of `data` are committed; `None` when nobody waits for that.
     pub ack: Option<CommitAck>,
+    /// When the source had read `data`, taken before it waits for room in the channel, so
+    /// that the alert-decision latency (`keywatch_alert_decision_seconds`) includes the time
+    /// a chunk queues behind a busy pipeline.
+    pub read_at: Instant,
 }
 
 /// A line of a chunk that the parser refused, as the pipeline tells the chunk's source.

@@ -399,6 +399,7 @@ async fn consume(
                 seen: Vec::new(),
             }),
             ack: Some(ack),
+            read_at: std::time::Instant::now(),
         };
         tx.send(chunk)
             .await

@@ -134,6 +134,7 @@ impl TableState {
                 seen,
             }),
             ack: None,
+            read_at: std::time::Instant::now(),
         };
         tx.send(chunk)
             .await

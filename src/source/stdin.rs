@@ -79,6 +79,7 @@ async fn read_all(
                 first_line_no,
                 checkpoint: None,
                 ack: None,
+                read_at: std::time::Instant::now(),
             };
             tx.send(chunk)
                 .await
