@@ -326,12 +326,15 @@ fn kill_9_while_http_clients_push_and_retry() {
             }
         }
         assert!(mid_ingestion >= 3, "only {mid_ingestion} kills hit pushes");
-        let last = daemon(&db, &addr, &args);
+        let mut last = daemon(&db, &addr, &args);
         assert!(
             wait_until(Duration::from_secs(120), || acked.load(Ordering::SeqCst)
                 == lines.len() as u64),
             "every push acknowledged in the end"
         );
+        // The pushes may all have been acknowledged before the last kill: the last daemon
+        // must be listening before the duplicate is sent.
+        wait_healthy(&mut last, &addr);
         // A push sent again after its answer came is a duplicate too.
         let (status, v) = push(&addr, "crash-batch-0", &batches[0]).expect("answered");
         assert_eq!(
