@@ -853,7 +853,11 @@ fn postgres_restarted_while_running_loses_nothing() {
     assert_exact(&db, &all[..5_000]);
     cluster.ctl("stop");
     append(&log, &all[5_000..15_000]);
-    assert!(d.logged("Cannot commit counts; holding the sources back"));
+    assert!(
+        d.logged("Cannot commit counts; holding the sources back"),
+        "{}",
+        d.log()
+    );
     assert_eq!(d.metric("keywatch_commits_blocked"), 1.0);
     std::thread::sleep(Duration::from_secs(5));
     assert!(d.alive(), "{}", d.log());

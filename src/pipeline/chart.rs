@@ -89,11 +89,20 @@ pub(crate) fn error_hours(
         .collect()
 }
 
-/// Fills the hours of every error alert in `batch` that is to be told and has none yet.
+/// Gives `change` an empty series: no chart, and no second attempt at one.
+fn mark_without_chart(change: &mut AlertChange) {
+    if let Some(ev) = change.evidence.as_object_mut() {
+        ev.insert("hourly".into(), serde_json::json!([]));
+    }
+}
+
+/// Fills the hours of every error alert in `batch` that is to be told and has none yet. When
+/// the store cannot answer, the rest go without a chart rather than each waiting on it.
 pub(crate) async fn fill(store: &Store, batch: &mut Batch) {
     let Batch {
         changes, rollup, ..
     } = batch;
+    let mut unreachable = false;
     for change in changes.iter_mut() {
         let Some((subject, errors)) = wants_chart(change) else {
             continue;
@@ -122,10 +131,20 @@ pub(crate) async fn fill(store: &Store, batch: &mut Batch) {
             by_mcp: false,
             by_bucket: true,
         };
+        if unreachable {
+            // Marked as drawn (with no hours, so no picture): a retried commit of this batch
+            // does not wait on the store again for it.
+            mark_without_chart(change);
+            continue;
+        }
         let stored = match store.usage_segment(&q).await {
             Ok(rows) => rows,
             Err(e) => {
+                // The store is failing (the commit will say so and retry): do not wait on it
+                // once per alert.
                 tracing::debug!("no chart for {}: {e}", change.fingerprint);
+                unreachable = true;
+                mark_without_chart(change);
                 continue;
             }
         };
